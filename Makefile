@@ -1,0 +1,53 @@
+# cnnlab: every target works from a fresh clone; it creates .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The torch build installed first; override on machines that need another one.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+ARGS ?=
+MLFLOW_DB := $(CURDIR)/mlflow.db
+MLFLOW_ARTIFACTS := $(CURDIR)/mlartifacts
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 5000
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-all lint format ui clean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv and install cnnlab with its dev extra
+
+train: install ## Train the default CNN on MNIST (ARGS="model.dropout=0.3 ...")
+	$(PY) -m cnnlab.train $(ARGS)
+
+test: install ## Run the fast test suite
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-all: install ## Run every test, slow ones included
+	$(PY) -m pytest $(ARGS)
+
+lint: install ## Check style with ruff
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: install ## Format and fix with ruff
+	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests
+
+ui: install ## Serve the MLflow UI for this store on 127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(MLFLOW_DB)}" \
+		--default-artifact-root "$(MLFLOW_ARTIFACTS)" --host $(UI_HOST) --port $(UI_PORT)
+
+clean: ## Remove outputs and caches (keeps .venv, data and the MLflow store)
+	rm -rf outputs multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

@@ -1,0 +1,85 @@
+"""The LightningModule: cross-entropy, torchmetrics accuracy, optimizer and schedule from config."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+class Classifier(L.LightningModule):
+    """Trains any ``nn.Module`` that maps images to class logits.
+
+    ``optimizer`` and ``scheduler`` are partials (Hydra ``_partial_: true``) completed in
+    :meth:`configure_optimizers`. A scheduler that takes ``total_steps`` (OneCycleLR) is given
+    the run's length and stepped every batch; any other is stepped every epoch.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.criterion = nn.CrossEntropyLoss()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, batch_size=len(labels))
+        self.log("train/acc", self.train_acc, batch_size=len(labels))
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc)
+
+    def _evaluate(
+        self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy
+    ) -> None:
+        images, labels = batch
+        logits = self(images)
+        accuracy(logits, labels)
+        loss = self.criterion(logits, labels)
+        self.log(f"{stage}/loss", loss, batch_size=len(labels), sync_dist=True)
+        self.log(f"{stage}/acc", accuracy, batch_size=len(labels), prog_bar=True)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        wants_length = "total_steps" in inspect.signature(self.scheduler_factory).parameters
+        if wants_length:
+            scheduler = self.scheduler_factory(
+                optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
+            )
+        else:
+            scheduler = self.scheduler_factory(optimizer)
+        interval = "step" if wants_length else "epoch"
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
+        }

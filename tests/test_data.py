@@ -1,0 +1,124 @@
+"""Data: torchvision reads IDX files the tests write, the bundled fallback, splits, batches."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab.data import DataError, ImageDataModule
+from cnnlab.data.datamodule import EpochBatchSampler
+from cnnlab.data.sources import BUNDLED_TEST_SIZE, load_splits
+from tests.conftest import FIXTURE_TEST, FIXTURE_TRAIN, write_idx, write_mnist
+
+
+def setup_module() -> None:
+    load_splits.cache_clear()
+
+
+def test_torchvision_reads_the_idx_files(mnist_root: Path) -> None:
+    splits = load_splits("mnist", str(mnist_root), "torchvision", False)
+    assert splits.source == "torchvision"
+    assert splits.train.images.shape == (FIXTURE_TRAIN, 1, 28, 28)
+    assert splits.test.images.shape == (FIXTURE_TEST, 1, 28, 28)
+    assert splits.train.images.dtype == torch.uint8
+    assert splits.train.labels.dtype == torch.int64
+    assert int(splits.train.images.max()) > 200  # real strokes, not an empty fixture
+    assert set(splits.train.labels.tolist()) == set(range(10))
+
+
+def test_auto_falls_back_to_the_bundled_digits_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        splits = load_splits("mnist", str(tmp_path / "empty"), "auto", True)
+    assert splits.source == "bundled"
+    assert len(splits.test) == BUNDLED_TEST_SIZE and len(splits.train) == 5000 - BUNDLED_TEST_SIZE
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "data.source=bundled" in warnings[0].getMessage()
+
+
+def test_forcing_torchvision_without_files_names_the_folder_and_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as error:
+        load_splits("mnist", str(tmp_path / "none"), "torchvision", True)
+    message = str(error.value)
+    assert str(tmp_path / "none" / "MNIST" / "raw") in message
+    assert "train-images-idx3-ubyte" in message and "t10k-labels-idx1-ubyte" in message
+    assert "download failed" in message
+
+
+def test_labels_out_of_range_are_refused(tmp_path: Path) -> None:
+    root = write_mnist(tmp_path, train=50, test=20)
+    labels = torch.full((50,), 12, dtype=torch.uint8).numpy()
+    write_idx(root / "MNIST" / "raw" / "train-labels-idx1-ubyte", labels)
+    with pytest.raises(DataError, match=r"labels span 12\.\.\.12, valid: 0\.\.9"):
+        load_splits("mnist", str(root), "torchvision", False)
+
+
+def test_unknown_dataset_lists_the_valid_ones() -> None:
+    with pytest.raises(DataError, match="unknown dataset 'svhn'; valid: mnist"):
+        ImageDataModule(name="svhn")
+
+
+def make_datamodule(root: Path, **options) -> ImageDataModule:
+    datamodule = ImageDataModule(
+        root=str(root),
+        source="torchvision",
+        download=False,
+        batch_size=32,
+        eval_batch_size=64,
+        **options,
+    )
+    datamodule.setup("fit")
+    return datamodule
+
+
+def test_validation_split_is_fixed_and_disjoint(mnist_root: Path) -> None:
+    first = make_datamodule(mnist_root, val_size=100, shuffle_seed=1)
+    second = make_datamodule(mnist_root, val_size=100, shuffle_seed=2)  # training seed differs
+    assert len(first.val_set) == 100 and len(first.train_set) == FIXTURE_TRAIN - 100
+    assert torch.equal(first.val_set.images, second.val_set.images)
+    train_rows = {row.tobytes() for row in first.train_set.images.flatten(1).numpy()}
+    assert not any(row.tobytes() in train_rows for row in first.val_set.images.flatten(1).numpy())
+    fraction = make_datamodule(mnist_root, val_size=0.25)
+    assert len(fraction.val_set) == FIXTURE_TRAIN // 4
+
+
+def test_val_size_that_leaves_no_training_images_is_refused(mnist_root: Path) -> None:
+    with pytest.raises(ValueError, match=r"data.val_size=600 leaves 0 of 600 .* \[1, 599\]"):
+        make_datamodule(mnist_root, val_size=600)
+
+
+def test_batches_are_normalized_after_transfer(mnist_root: Path) -> None:
+    datamodule = make_datamodule(mnist_root)
+    images, labels = next(iter(datamodule.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape == (32, 1, 28, 28)
+    normalized, same_labels = datamodule.on_after_batch_transfer((images, labels), 0)
+    expected = (images.float() / 255 - 0.1307) / 0.3081
+    assert torch.allclose(normalized, expected, atol=1e-5)
+    assert torch.equal(same_labels, labels)
+    assert normalized.min() == pytest.approx(-0.1307 / 0.3081, abs=1e-5)
+
+
+def test_train_batches_cover_every_image_once_per_epoch_and_reshuffle(mnist_root: Path) -> None:
+    datamodule = make_datamodule(mnist_root)
+    loader = datamodule.train_dataloader()
+    first = torch.cat([labels for _, labels in loader])
+    loader.sampler.set_epoch(1)
+    second = torch.cat([labels for _, labels in loader])
+    assert len(first) == len(datamodule.train_set)
+    assert torch.equal(first.sort().values, datamodule.train_set.labels.sort().values)
+    assert not torch.equal(first, second)
+
+
+def test_sampler_shards_are_disjoint_and_cover_the_epoch() -> None:
+    shards = [
+        torch.cat(list(EpochBatchSampler(103, 10, shuffle=True, seed=3, rank=rank, world_size=2)))
+        for rank in (0, 1)
+    ]
+    assert len(shards[0]) == len(shards[1]) == 52  # 103 padded to 104
+    together = torch.cat(shards)
+    assert set(together.tolist()) == set(range(103))
+    assert len(set(shards[0].tolist()) & set(shards[1].tolist())) <= 1  # only the padding

@@ -1,0 +1,164 @@
+"""End to end: the real config, data files and MLflow store, a few batches of training."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from cnnlab import train
+from tests.conftest import REPO, cnnlab_train, run_cli
+
+
+def only_run(tracking_uri: str):
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("tests")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_training_on_idx_files_records_a_complete_run(
+    small_cfg, mnist_root: Path, tracking_uri: str
+) -> None:
+    cfg = small_cfg([f"data.root={mnist_root}", "data.source=torchvision", "seed=3"])
+    best_val = train.run(cfg)
+    client, run = only_run(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "lenet5-bn-max-fc-s3"
+    assert 0.0 <= best_val <= 1.0
+
+    params = run.data.params
+    assert params["data/source"] == "torchvision"
+    assert params["data/source_resolved"] == "torchvision"
+    assert params["model/name"] == "lenet5" and params["model/pooling"] == "max"
+    assert params["optimizer"] == "torch.optim.AdamW" and params["optimizer/lr"] == "0.003"
+    assert params["model/params_total"] == params["model/params_trainable"] == "44470"
+    assert params["trainer/world_size"] == "1" and params["trainer/device_type"] == "cpu"
+    assert params["logger/tracking_uri"] == tracking_uri
+    assert not any("_target_" in key or "_partial_" in key for key in params)
+
+    tags = run.data.tags
+    assert tags["seed"] == "3"
+    assert "data.source=torchvision" in tags["overrides"]
+    assert tags["version.torch"] and tags["version.lightning"] and tags["version.mlflow"]
+    assert tags["hydra.output_dir"].endswith("run")
+    if "mlflow.source.git.commit" in tags:
+        assert tags["git.dirty"] in {"true", "false"}
+
+    assert metric_steps(client, run.info.run_id, "train/loss") == list(range(8))
+    assert len(metric_steps(client, run.info.run_id, "val/acc")) == 2  # one per epoch
+    for key in (
+        "val/loss",
+        "time/epoch_s",
+        "time/images_per_s",
+        "lr-AdamW",
+        "test/acc",
+        "test/loss",
+        "train/acc",
+    ):
+        assert client.get_metric_history(run.info.run_id, key), key
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "model_summary.txt", "checkpoints"} <= artifacts
+    checkpoints = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert len(checkpoints) == 1 and checkpoints[0].endswith(".ckpt")
+    summary = Path(client.download_artifacts(run.info.run_id, "model_summary.txt")).read_text()
+    assert "[1, 6, 24, 24]" in summary and "44,470" in summary
+
+
+def test_training_offline_on_the_bundled_digits(
+    small_cfg, tmp_path: Path, tracking_uri: str
+) -> None:
+    cfg = small_cfg([f"data.root={tmp_path}/no-mnist-here", "data.download=false"])
+    train.run(cfg)
+    _, run = only_run(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data/source"] == "auto"
+    assert run.data.params["data/source_resolved"] == "bundled"
+
+
+def test_make_train_as_a_user_runs_it(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = (
+        "trainer.max_epochs=1 trainer.limit_train_batches=5 trainer.limit_val_batches=2 "
+        f"trainer.limit_test_batches=2 paths.log_dir={tmp_path}/logs"
+    )
+    result = run_cli(
+        "make",
+        "--no-print-directory",
+        "train",
+        f"ARGS={args}",
+        env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "tests"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"test accuracy: \d+\.\d\d%", result.stdout)
+    run_id = re.search(r"MLflow run: ([0-9a-f]{32})", result.stdout).group(1)
+    assert "make ui" in result.stdout
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optimizer.lr=0", "optimizer.lr=0 is out of range; valid: (0, inf)"),
+        ("data.batch_size=-8", "data.batch_size=-8 is out of range; valid: (0, inf)"),
+        ("model.name=resnet", "unknown backbone 'resnet'; valid: lenet5"),
+        ("data.name=svhn", "unknown dataset 'svhn'; valid: mnist"),
+        ("+trainer.max_epoch=3", "unknown trainer argument 'max_epoch'; valid: "),
+        ("model.channels=[6,16,32]", "stage3.conv1: input 4, F=5, P=0, S=1"),
+    ],
+)
+def test_bad_input_is_one_clear_line_before_any_run(
+    override: str, expected: str, small_cfg, tracking_uri: str, capsys
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train.run(small_cfg([override]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"cnnlab: error: {err.removeprefix('cnnlab: error: ')}"
+    assert expected in err and err.count("\n") == 1
+    assert not Path(tracking_uri.removeprefix("sqlite:///")).exists()  # MLflow untouched
+
+
+@pytest.mark.parametrize(
+    ("override", "expected", "status"),
+    [
+        ("optimizer.lr=0", "cnnlab: error: optimizer.lr=0 is out of range; valid: (0, inf)", 2),
+        ("model=resnet", "Could not find 'model/resnet'", 1),
+        ("model.dropot=0.3", "Key 'dropot' not in 'ModelConfig'", 1),
+    ],
+)
+def test_bad_input_on_the_command_line_exits_without_a_traceback(
+    override: str, expected: str, status: int, tmp_path: Path
+) -> None:
+    store = tmp_path / "mlflow.db"
+    result = cnnlab_train(
+        override,
+        f"paths.log_dir={tmp_path}/logs",
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"},
+    )
+    assert result.returncode == status
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not store.exists()  # found before MLflow was touched: no store, no run
+
+
+def test_hydra_help_and_cfg_job_work() -> None:
+    shown = cnnlab_train("--cfg", "job", "model.pooling=avg")
+    assert shown.returncode == 0, shown.stderr
+    assert "pooling: avg" in shown.stdout and "_target_: torch.optim.AdamW" in shown.stdout
+    helped = cnnlab_train("--help")
+    assert helped.returncode == 0 and "Configuration groups" in helped.stdout
+    assert "model: lenet5" in helped.stdout
+
+
+def test_readme_names_the_setup_commands() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert "make train" in readme and "make test" in readme
