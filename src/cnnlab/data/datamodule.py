@@ -1,0 +1,142 @@
+"""Batches served straight from uint8 tensors: split once, indexed a whole batch at a time,
+normalized on the model's device after transfer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from cnnlab.data.sources import ImageSet, dataset_info, load_splits
+from cnnlab.models import InputSpec
+
+
+class TensorBatches(Dataset):
+    """Indexed by a tensor of indices, so a batch is one gather, not N Python calls."""
+
+    def __init__(self, data: ImageSet) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.data.images[index], self.data.labels[index]
+
+
+class EpochBatchSampler:
+    """Yields index tensors of one batch each: a fresh permutation per epoch, sharded by rank.
+
+    Written here rather than DistributedSampler + BatchSampler because those yield Python
+    lists of ints per sample; this yields tensor slices. The permutation depends only on
+    ``seed`` and the epoch, so every rank draws the same one and takes a disjoint share.
+    Lightning calls ``set_epoch`` before each epoch.
+    """
+
+    def __init__(self, size: int, batch_size: int, *, shuffle: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
+        self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def shard_size(self) -> int:
+        return math.ceil(self.size / self.world_size)
+
+    def __len__(self) -> int:
+        rounding = math.floor if self.drop_last else math.ceil
+        return rounding(self.shard_size / self.batch_size)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.arange(self.size)
+        padding = self.shard_size * self.world_size - self.size  # equal shares on every rank
+        if padding:
+            order = torch.cat([order, order[:padding]])
+        shard = order[self.rank :: self.world_size]
+        for batch in range(len(self)):
+            yield shard[batch * self.batch_size : (batch + 1) * self.batch_size]
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train/val/test of one dataset; ``val_size`` is a count (>= 1) or a fraction (< 1)."""
+
+    def __init__(self, name: str = "mnist", root: str = "data", source: str = "auto",
+                 download: bool = True, batch_size: int = 128, eval_batch_size: int = 1024,
+                 val_size: float = 0.1, split_seed: int = 0, augment: bool = False,
+                 shuffle_seed: int = 0) -> None:
+        super().__init__()
+        self.info = dataset_info(name)
+        self.name, self.root, self.source, self.download = name, root, source, download
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_size, self.split_seed, self.shuffle_seed = val_size, split_seed, shuffle_seed
+        self.augment = augment
+        self.source_used: str | None = None
+        self.train_set: ImageSet | None = None
+        self.val_set: ImageSet | None = None
+        self.test_set: ImageSet | None = None
+        std = torch.tensor(self.info.std).view(1, -1, 1, 1)
+        mean = torch.tensor(self.info.mean).view(1, -1, 1, 1)
+        # x_norm = x_uint8 * scale + shift, fused: (x / 255 - mean) / std
+        self._scale, self._shift = 1 / (255 * std), -mean / std
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec(self.info.channels, self.info.size, self.info.classes)
+
+    def prepare_data(self) -> None:
+        load_splits(self.name, self.root, self.source, self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        splits = load_splits(self.name, self.root, self.source, self.download)
+        self.source_used = splits.source
+        train_size = len(splits.train)
+        val_count = int(self.val_size) if self.val_size >= 1 else round(self.val_size * train_size)
+        if not 0 < val_count < train_size:
+            raise ValueError(f"data.val_size={self.val_size:g} leaves {train_size - val_count} "
+                             f"of {train_size} training images; valid: a count in "
+                             f"[1, {train_size - 1}] or a fraction in (0, 1)")
+        order = torch.randperm(train_size, generator=torch.Generator().manual_seed(self.split_seed))
+        self.val_set = _subset(splits.train, order[:val_count])
+        self.train_set = _subset(splits.train, order[val_count:])
+        self.test_set = splits.test
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+
+    def _loader(self, data: ImageSet, batch_size: int, *, shuffle: bool) -> DataLoader:
+        rank, world = 0, 1
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        sampler = EpochBatchSampler(len(data), batch_size, shuffle=shuffle,
+                                    seed=self.shuffle_seed, rank=rank, world_size=world)
+        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return DataLoader(TensorBatches(data), batch_size=None, sampler=sampler, pin_memory=pin)
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int):
+        images, labels = batch
+        scale = self._scale.to(images.device)
+        shift = self._shift.to(images.device)
+        return torch.addcmul(shift, images.float(), scale), labels  # (B, C, H, W) float32
+
+
+def _subset(data: ImageSet, index: Tensor) -> ImageSet:
+    return ImageSet(data.images[index].contiguous(), data.labels[index])
