@@ -29,7 +29,6 @@ SMALL = [
     "trainer.limit_test_batches=2",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
-    "~callbacks.progress_bar",
     "data.batch_size=32",
     "data.eval_batch_size=64",
 ]

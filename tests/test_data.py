@@ -122,3 +122,14 @@ def test_sampler_shards_are_disjoint_and_cover_the_epoch() -> None:
     together = torch.cat(shards)
     assert set(together.tolist()) == set(range(103))
     assert len(set(shards[0].tolist()) & set(shards[1].tolist())) <= 1  # only the padding
+
+
+def test_seeds_draw_different_batch_orders_not_shifted_copies() -> None:
+    def order(seed: int, epoch: int) -> torch.Tensor:
+        sampler = EpochBatchSampler(100, 100, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        return next(iter(sampler))
+
+    assert torch.equal(order(0, 1), order(0, 1))  # reproducible
+    assert not torch.equal(order(1, 0), order(0, 1))
+    assert not torch.equal(order(0, 0), order(1, 0))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -56,8 +59,8 @@ def test_experiment_artifacts_live_beside_a_local_store(
     assert location == (tmp_path / "artifacts").as_uri()
 
 
-def test_repeated_run_names_get_a_number(client: MlflowClient) -> None:
-    experiment_id = tracking.open_experiment(client, "names", None)
+def test_repeated_run_names_get_a_number(client: MlflowClient, tmp_path: Path) -> None:
+    experiment_id = tracking.open_experiment(client, "names", str(tmp_path))
     names = []
     for _ in range(3):
         name = tracking.unique_run_name(client, experiment_id, "lenet5-max-fc-s0")
@@ -66,8 +69,10 @@ def test_repeated_run_names_get_a_number(client: MlflowClient) -> None:
     assert names == ["lenet5-max-fc-s0", "lenet5-max-fc-s0-2", "lenet5-max-fc-s0-3"]
 
 
-def test_a_failing_run_ends_failed_with_its_error_and_traceback(client: MlflowClient) -> None:
-    experiment_id = tracking.open_experiment(client, "faults", None)
+def test_a_failing_run_ends_failed_with_its_error_and_traceback(
+    client: MlflowClient, tmp_path: Path
+) -> None:
+    experiment_id = tracking.open_experiment(client, "faults", str(tmp_path))
     with pytest.raises(RuntimeError), tracking.TrackedRun(client, experiment_id, "r", {}) as run:
         raise RuntimeError("loss is nan at step 7")
     record = client.get_run(run.run_id)
@@ -77,8 +82,8 @@ def test_a_failing_run_ends_failed_with_its_error_and_traceback(client: MlflowCl
     assert "raise RuntimeError" in Path(trace).read_text()
 
 
-def test_an_interrupted_run_ends_killed(client: MlflowClient) -> None:
-    experiment_id = tracking.open_experiment(client, "faults", None)
+def test_an_interrupted_run_ends_killed(client: MlflowClient, tmp_path: Path) -> None:
+    experiment_id = tracking.open_experiment(client, "faults", str(tmp_path))
     with (
         pytest.raises(KeyboardInterrupt),
         tracking.TrackedRun(client, experiment_id, "r", {}) as run,
@@ -93,3 +98,47 @@ def test_git_state_names_the_commit_and_dirty_flag(tmp_path: Path) -> None:
     if state:  # a checkout with at least one commit
         assert len(state["mlflow.source.git.commit"]) == 40
         assert state["git.dirty"] in {"true", "false"}
+
+
+@pytest.mark.parametrize("stop", [SystemExit(0), SystemExit(None), SystemExit(143)])
+def test_any_system_exit_inside_a_run_is_killed_not_finished(
+    stop: SystemExit, client: MlflowClient, tmp_path: Path
+) -> None:
+    experiment_id = tracking.open_experiment(client, "exits", str(tmp_path))
+    with pytest.raises(SystemExit), tracking.TrackedRun(client, experiment_id, "r", {}) as run:
+        raise stop
+    record = client.get_run(run.run_id)
+    assert record.info.status == "KILLED"
+    assert record.data.tags["error"] == "interrupted (SystemExit)"
+
+
+def test_sigterm_during_a_run_ends_it_killed(client: MlflowClient, tmp_path: Path) -> None:
+    experiment_id = tracking.open_experiment(client, "signals", str(tmp_path))
+    with (
+        pytest.raises(SystemExit) as stop,
+        tracking.TrackedRun(client, experiment_id, "r", {}) as run,
+    ):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+    assert stop.value.code == 143
+    assert client.get_run(run.run_id).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+
+def test_a_run_whose_error_cannot_be_stored_still_ends(
+    client: MlflowClient, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the artifact folder should be")
+    experiment_id = tracking.open_experiment(client, "broken-artifacts", str(blocker))
+    with pytest.raises(OSError), tracking.TrackedRun(client, experiment_id, "r", {}) as run:
+        raise RuntimeError("boom")
+    assert client.get_run(run.run_id).info.status == "FAILED"
+
+
+def test_passwords_never_reach_params() -> None:
+    flat = tracking.flatten_params({"logger": {"tracking_uri": "http://bob:pw@h:5000"}})
+    assert flat == {"logger/tracking_uri": "http://bob:***@h:5000"}
+    assert tracking.redact_uri("logger.tracking_uri=https://u:p@h seed=1") == (
+        "logger.tracking_uri=https://u:***@h seed=1"
+    )

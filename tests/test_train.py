@@ -109,10 +109,21 @@ def test_make_train_as_a_user_runs_it(tmp_path: Path) -> None:
     [
         ("optimizer.lr=0", "optimizer.lr=0 is out of range; valid: (0, inf)"),
         ("data.batch_size=-8", "data.batch_size=-8 is out of range; valid: (0, inf)"),
-        ("model.name=resnet", "unknown backbone 'resnet'; valid: lenet5"),
+        ("optimizer.lr=abc", "optimizer.lr='abc' is not a number; valid: (0, inf)"),
+        ("model.name=resnet", "unknown backbone 'resnet'; valid: alexnet_small, cnn, lenet5"),
+        ("model.pooling=maxx", "unknown pooling 'maxx'; valid: avg, gem, lp, max, mixed, none"),
         ("data.name=svhn", "unknown dataset 'svhn'; valid: mnist"),
+        ("data.val_size=100000", "data.val_size=100000 leaves"),
         ("+trainer.max_epoch=3", "unknown trainer argument 'max_epoch'; valid: "),
         ("model.channels=[6,16,32]", "stage3.conv1: input 4, F=5, P=0, S=1"),
+        ("trainer.accelerator=tpu", "trainer settings refused: Requirement 'torch_xla"),
+        ("trainer.accelerator=quantum", "trainer settings refused: "),
+        ("trainer.precision=bogus", "trainer settings refused: "),
+        ("trainer.max_epochs=-5", "trainer settings refused: "),
+        ("+optimizer.momentum=0.9", "optimizer or scheduler settings refused: "),
+        ("scheduler.pct_start=2", "optimizer or scheduler settings refused: "),
+        ("optimizer._target_=torch.optim.Adamx", "Error locating target 'torch.optim.Adamx'"),
+        ("callbacks.model_checkpoint.mode=maxx", "mode"),
     ],
 )
 def test_bad_input_is_one_clear_line_before_any_run(
@@ -156,9 +167,63 @@ def test_hydra_help_and_cfg_job_work() -> None:
     assert "pooling: avg" in shown.stdout and "_target_: torch.optim.AdamW" in shown.stdout
     helped = cnnlab_train("--help")
     assert helped.returncode == 0 and "Configuration groups" in helped.stdout
-    assert "model: lenet5" in helped.stdout
+    assert "model: alexnet_small, cnn, lenet5" in helped.stdout
 
 
 def test_readme_names_the_setup_commands() -> None:
     readme = (REPO / "README.md").read_text()
     assert "make train" in readme and "make test" in readme
+
+
+def test_every_model_knob_is_a_run_param(small_cfg, tracking_uri: str) -> None:
+    overrides = [
+        "model=cnn",
+        "model.pooling=lp",
+        "model.pooling_p=3",
+        "model.head=gap",
+        "model.dropout2d=0.1",
+        "model.residual=true",
+        "model.activation=gelu",
+    ]
+    train.run(small_cfg(overrides))
+    _, run = only_run(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "cnn-bn-lp-gap-s0"
+    params = run.data.params
+    knobs = dict(
+        name="cnn",
+        pooling="lp",
+        pooling_p="3.0",
+        head="gap",
+        dropout2d="0.1",
+        residual="True",
+        activation="gelu",
+        channels="[32, 64]",
+        conv="standard",
+        groups="1",
+        strict_shapes="True",
+        kernel_size="3",
+        padding="1",
+    )
+    assert {f"model/{k}": v for k, v in knobs.items()}.items() <= params.items()
+    assert int(params["model/flops"]) > 0
+    assert params["model/params_total"] == "68394"  # 66,026 + two 1x1 projections with BN
+
+
+def test_a_run_without_validation_still_finishes(small_cfg, tracking_uri: str) -> None:
+    best = train.run(small_cfg(["trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0"]))
+    assert best != best  # NaN: no validation score to report
+    _, run = only_run(tracking_uri)
+    assert run.info.status == "FINISHED"
+
+
+def test_a_plateau_scheduler_watches_the_validation_loss(small_cfg, tracking_uri: str) -> None:
+    plateau = [
+        "scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+        "~scheduler.max_lr",
+        "~scheduler.pct_start",
+        "+scheduler.patience=0",
+    ]
+    train.run(small_cfg(plateau))
+    _, run = only_run(tracking_uri)
+    assert run.info.status == "FINISHED"

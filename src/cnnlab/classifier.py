@@ -68,18 +68,21 @@ class Classifier(L.LightningModule):
         self.log(f"{stage}/acc", accuracy, batch_size=len(labels), prog_bar=True)
 
     def configure_optimizers(self):
+        return self.optimization(int(self.trainer.estimated_stepping_batches))
+
+    def optimization(self, total_steps: int) -> dict:
+        """Complete the optimizer and scheduler partials for a run of ``total_steps``.
+
+        A scheduler that monitors a metric (ReduceLROnPlateau) watches ``val/loss``.
+        """
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
-            return optimizer
+            return {"optimizer": optimizer}
         wants_length = "total_steps" in inspect.signature(self.scheduler_factory).parameters
         if wants_length:
-            scheduler = self.scheduler_factory(
-                optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
-            )
+            scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
         else:
             scheduler = self.scheduler_factory(optimizer)
         interval = "step" if wants_length else "epoch"
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
-        }
+        schedule = {"scheduler": scheduler, "interval": interval, "monitor": "val/loss"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

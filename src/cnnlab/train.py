@@ -1,40 +1,36 @@
 """Train one configuration and record it in MLflow: ``python -m cnnlab.train [overrides]``.
 
-Everything that can be wrong with the input (config, data files, shapes, tracking URI) is
-found before the MLflow run is created; a user error prints one line and exits with 2.
+Everything that can be wrong with the input (config, data files, shapes, Trainer and
+optimizer arguments, tracking URI) is found before the MLflow run is created; a user error
+prints one line and exits with 2. Under DDP only global rank 0 talks to MLflow.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import logging
-import os
-import sys
+import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.loggers.logger import DummyLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import config, tracking
 from cnnlab.callbacks import EpochSpeed
 from cnnlab.classifier import Classifier
-from cnnlab.data import DataError, ImageDataModule
-from cnnlab.models import Net, build_model
-from cnnlab.models.summary import describe
-
-log = logging.getLogger("cnnlab")
-
-# Raised by the checks that run before training: reported in one line, never a traceback.
-USER_ERRORS = (config.ConfigError, DataError, ValueError, InstantiationException, MlflowException)
+from cnnlab.cli import user_errors
+from cnnlab.data import ImageDataModule
+from cnnlab.models import InputSpec, Net, build_model
+from cnnlab.models.summary import ModelReport, describe
 
 # Batches come from tensors in memory; worker processes would only add copies.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -49,16 +45,10 @@ class Job:
     cfg: DictConfig
     settings: config.TrainConfig
     datamodule: ImageDataModule
+    spec: InputSpec
     net: Net
     module: Classifier
-    callbacks: list[L.Callback]
-
-
-def fail(error: BaseException) -> NoReturn:
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        raise error
-    print(f"cnnlab: error: {error}", file=sys.stderr)
-    sys.exit(2)
+    trainer: L.Trainer
 
 
 def check_trainer_args(args: dict[str, Any]) -> None:
@@ -68,20 +58,30 @@ def check_trainer_args(args: dict[str, Any]) -> None:
 
 
 def prepare(cfg: DictConfig) -> Job:
-    """Check the config and build data, model and callbacks; nothing is recorded yet."""
+    """Check the config and build data, model, optimizer and Trainer; nothing is recorded."""
     settings = config.to_settings(cfg)
     check_trainer_args(settings.trainer)
     L.seed_everything(settings.seed, workers=True, verbose=False)
     data = dataclasses.asdict(settings.data) | {"source": settings.data.source.value}
     datamodule = ImageDataModule(**data, shuffle_seed=settings.seed)
     datamodule.setup("fit")
-    net = build_model(**dataclasses.asdict(settings.model), data=datamodule.input_spec)
+    info = datamodule.info
+    spec = InputSpec(info.channels, info.size, info.classes)
+    net = build_model(settings.model, spec)
     scheduler = instantiate(settings.scheduler) if settings.scheduler else None
-    module = Classifier(
-        net, datamodule.input_spec.classes, instantiate(settings.optimizer), scheduler
-    )
+    module = Classifier(net, info.classes, instantiate(settings.optimizer), scheduler)
+    try:  # complete the partials once now, so that a bad argument fails before the run
+        module.optimization(total_steps=1)
+    except (TypeError, ValueError) as error:
+        raise config.ConfigError(f"optimizer or scheduler settings refused: {error}") from error
     callbacks = [instantiate(spec) for spec in settings.callbacks.values()] + [EpochSpeed()]
-    return Job(cfg, settings, datamodule, net, module, callbacks)
+    trainer_args = {"default_root_dir": settings.paths.output_dir, **settings.trainer}
+    try:
+        trainer = L.Trainer(**trainer_args, logger=False, callbacks=callbacks)
+    # ImportError: an accelerator or strategy whose package is missing (torch_xla, ...)
+    except (MisconfigurationException, TypeError, ValueError, ImportError) as error:
+        raise config.ConfigError(f"trainer settings refused: {error}") from error
+    return Job(cfg, settings, datamodule, spec, net, module, trainer)
 
 
 def run_name(settings: config.TrainConfig) -> str:
@@ -99,7 +99,7 @@ def run_name(settings: config.TrainConfig) -> str:
 def run_tags(settings: config.TrainConfig) -> dict[str, str]:
     hydra_cfg = HydraConfig.get()
     return {
-        "overrides": " ".join(hydra_cfg.overrides.task),
+        "overrides": tracking.redact_uri(" ".join(hydra_cfg.overrides.task)),
         "seed": str(settings.seed),
         "hydra.output_dir": hydra_cfg.runtime.output_dir,
         "mlflow.source.name": "cnnlab.train",
@@ -108,54 +108,56 @@ def run_tags(settings: config.TrainConfig) -> dict[str, str]:
     }
 
 
+def run_params(job: Job, report: ModelReport) -> dict[str, str]:
+    resolved = OmegaConf.to_container(job.cfg, resolve=True, enum_to_str=True)
+    return tracking.flatten_params(resolved) | {
+        "model/params_total": str(report.params_total),
+        "model/params_trainable": str(report.params_trainable),
+        "model/flops": str(report.flops),
+        "trainer/world_size": str(job.trainer.world_size),
+        "trainer/device_type": job.trainer.strategy.root_device.type,
+        "data/source_resolved": str(job.datamodule.source_used),
+    }
+
+
+def fit_and_test(job: Job) -> float:
+    """Fit, then test the best checkpoint; returns the best validation accuracy (NaN: none)."""
+    trainer = job.trainer
+    trainer.fit(job.module, datamodule=job.datamodule)
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if checkpoint else ""
+    if job.settings.test:
+        trainer.test(job.module, datamodule=job.datamodule, ckpt_path=best_path or None)
+    score = checkpoint.best_model_score if checkpoint else None
+    return math.nan if score is None else float(score)
+
+
 def train(job: Job, client: MlflowClient, experiment_id: str) -> float:
     """Fit, test and record ``job`` in a new run; returns the best validation accuracy."""
-    settings, tracking_uri = job.settings, job.settings.logger.tracking_uri
+    settings = job.settings
     name = tracking.unique_run_name(
         client, experiment_id, settings.logger.run_name or run_name(settings)
     )
-    report = describe(job.net, job.datamodule.input_spec)
+    report = describe(job.net, job.spec)
     with tracking.TrackedRun(client, experiment_id, name, run_tags(settings)) as run:
-        logger = tracking.BatchedMLFlowLogger(
-            run.run_id, tracking_uri, settings.logger.flush_every_s
+        job.trainer.logger = tracking.BatchedMLFlowLogger(
+            run.run_id, settings.logger.tracking_uri, settings.logger.flush_every_s
         )
-        trainer = L.Trainer(
-            **{"default_root_dir": settings.paths.output_dir, **settings.trainer},
-            logger=logger,
-            callbacks=job.callbacks,
-        )
-        resolved = OmegaConf.to_container(job.cfg, resolve=True, enum_to_str=True)
-        resolved["logger"]["tracking_uri"] = tracking.redact_uri(tracking_uri)
-        run.log_params(
-            tracking.flatten_params(resolved)
-            | {
-                "model/params_total": str(report.params_total),
-                "model/params_trainable": str(report.params_trainable),
-                "model/mult_adds": str(report.mult_adds),
-                "trainer/world_size": str(trainer.world_size),
-                "trainer/device_type": trainer.strategy.root_device.type,
-                "data/source_resolved": str(job.datamodule.source_used),
-            }
-        )
-        run.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+        run.log_params(run_params(job, report))
+        config_yaml = OmegaConf.to_yaml(job.cfg, resolve=True)
+        run.log_text(tracking.redact_uri(config_yaml), "config.yaml")
         run.log_text(report.table, "model_summary.txt")
-        trainer.fit(job.module, datamodule=job.datamodule)
-        checkpoint = trainer.checkpoint_callback
-        best_path = checkpoint.best_model_path if checkpoint else ""
-        if best_path:
-            run.log_artifact(best_path, "checkpoints")
-        if settings.test:
-            trainer.test(job.module, datamodule=job.datamodule, ckpt_path=best_path or None)
-        best_val = float(checkpoint.best_model_score) if checkpoint else float("nan")
-        report_result(trainer, run, experiment_id, best_val)
+        best_val = fit_and_test(job)
+        checkpoint = job.trainer.checkpoint_callback
+        if checkpoint and checkpoint.best_model_path:
+            run.log_artifact(checkpoint.best_model_path, "checkpoints")
+        report_result(job.trainer, run, experiment_id, best_val)
     return best_val
 
 
 def report_result(
     trainer: L.Trainer, run: tracking.TrackedRun, experiment_id: str, best_val: float
 ) -> None:
-    if trainer.global_rank != 0:
-        return
     test_acc = trainer.callback_metrics.get("test/acc")
     lines = [f"best validation accuracy: {best_val:.2%}"]
     if test_acc is not None:
@@ -170,15 +172,21 @@ def report_result(
 
 def run(cfg: DictConfig) -> float:
     """Check ``cfg``, then train and record it; a user error exits before any run exists."""
-    try:
+    with user_errors():
         job = prepare(cfg)
-        client = MlflowClient(job.settings.logger.tracking_uri)
-        experiment_id = tracking.open_experiment(
-            client, job.settings.logger.experiment_name, job.settings.logger.artifact_location
-        )
-    except USER_ERRORS as error:
-        fail(error)
-    return train(job, client, experiment_id)
+        if job.trainer.global_rank == 0:
+            logger = job.settings.logger
+            client = MlflowClient(logger.tracking_uri)
+            experiment_id = tracking.open_experiment(
+                client, logger.experiment_name, logger.artifact_location
+            )
+    if job.trainer.global_rank != 0:  # a DDP worker: rank 0 records the run
+        job.trainer.logger = DummyLogger()
+        return fit_and_test(job)
+    try:
+        return train(job, client, experiment_id)
+    except SIGTERMException as error:  # the run is KILLED; exit as a terminated process does
+        raise SystemExit(143) from error
 
 
 @hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="train")

@@ -7,12 +7,13 @@ import math
 from collections.abc import Iterator
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from cnnlab.checks import ConfigError
 from cnnlab.data.sources import ImageSet, dataset_info, load_splits
-from cnnlab.models import InputSpec
 
 
 class TensorBatches(Dataset):
@@ -65,7 +66,10 @@ class EpochBatchSampler:
 
     def __iter__(self) -> Iterator[Tensor]:
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            # Mixed so that (seed, epoch) pairs never share an order: seed + epoch would
+            # give seed 1 the orders of seed 0 shifted by one epoch.
+            mixed = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
+            generator = torch.Generator().manual_seed(int(mixed))
             order = torch.randperm(self.size, generator=generator)
         else:
             order = torch.arange(self.size)
@@ -90,7 +94,6 @@ class ImageDataModule(L.LightningDataModule):
         eval_batch_size: int = 1024,
         val_size: float = 0.1,
         split_seed: int = 0,
-        augment: bool = False,
         shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -98,7 +101,6 @@ class ImageDataModule(L.LightningDataModule):
         self.name, self.root, self.source, self.download = name, root, source, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.split_seed, self.shuffle_seed = val_size, split_seed, shuffle_seed
-        self.augment = augment
         self.source_used: str | None = None
         self.train_set: ImageSet | None = None
         self.val_set: ImageSet | None = None
@@ -107,10 +109,6 @@ class ImageDataModule(L.LightningDataModule):
         mean = torch.tensor(self.info.mean).view(1, -1, 1, 1)
         # x_norm = x_uint8 * scale + shift, fused: (x / 255 - mean) / std
         self._scale, self._shift = 1 / (255 * std), -mean / std
-
-    @property
-    def input_spec(self) -> InputSpec:
-        return InputSpec(self.info.channels, self.info.size, self.info.classes)
 
     def prepare_data(self) -> None:
         load_splits(self.name, self.root, self.source, self.download)
@@ -123,7 +121,7 @@ class ImageDataModule(L.LightningDataModule):
         train_size = len(splits.train)
         val_count = int(self.val_size) if self.val_size >= 1 else round(self.val_size * train_size)
         if not 0 < val_count < train_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.val_size={self.val_size:g} leaves {train_size - val_count} "
                 f"of {train_size} training images; valid: a count in "
                 f"[1, {train_size - 1}] or a fraction in (0, 1)"

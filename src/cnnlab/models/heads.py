@@ -3,15 +3,17 @@ width, so FC-vs-GAP is a swap of one object."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from cnnlab.models.layers import make_activation
+from cnnlab.models.layers import lookup, make_activation
 
 
 class FCHead(nn.Module):
-    """Flatten, then hidden linear layers with activation, then the classifier."""
+    """Flatten, then hidden linear layers with activation, then the classifier; dropout
+    (when > 0) before every linear layer."""
 
     def __init__(
         self,
@@ -25,13 +27,16 @@ class FCHead(nn.Module):
     ) -> None:
         super().__init__()
         self.flatten = nn.Flatten()
+        widths = [channels * size * size, *hidden]
         layers: list[nn.Module] = []
-        width = channels * size * size
-        for out in hidden:
-            layers += [nn.Dropout(dropout), nn.Linear(width, out), make_activation(activation)]
-            width = out
-        layers += [nn.Dropout(dropout), nn.Linear(width, classes)]
-        self.mlp = nn.Sequential(*[m for m in layers if not _is_noop_dropout(m)])
+        for width_in, width_out in itertools.pairwise(widths):
+            layers += [
+                *_dropout(dropout),
+                nn.Linear(width_in, width_out),
+                make_activation(activation),
+            ]
+        layers += [*_dropout(dropout), nn.Linear(widths[-1], classes)]
+        self.mlp = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.flatten(x)  # (B, C*H*W)
@@ -39,11 +44,8 @@ class FCHead(nn.Module):
 
 
 class GAPHead(nn.Module):
-    """Global average pooling to one value per channel, then the classifier.
-
-    ``hidden`` and ``activation`` are accepted for a uniform signature and not used: the
-    pooled vector feeds the classifier directly.
-    """
+    """Global average pooling to one value per channel, then one linear classifier
+    (``hidden`` and ``activation`` do not apply)."""
 
     def __init__(
         self,
@@ -57,21 +59,44 @@ class GAPHead(nn.Module):
     ) -> None:
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = FCHead(channels, 1, classes, hidden=(), dropout=dropout)
+        self.classifier = FCHead(channels, 1, classes, dropout=dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.pool(x)  # (B, C, 1, 1)
-        return self.fc(x)
+        return self.classifier(x)
 
 
-HEADS: dict[str, Callable[..., nn.Module]] = {"fc": FCHead, "gap": GAPHead}
+class NINHead(nn.Module):
+    """Network in Network: a 1x1 conv to one map per class, then global average pooling;
+    no dense layer at all (``hidden`` and ``activation`` do not apply)."""
+
+    def __init__(
+        self,
+        channels: int,
+        size: int,
+        classes: int,
+        *,
+        hidden: Sequence[int] = (),
+        dropout: float = 0.0,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.dropout = nn.Sequential(*_dropout(dropout))
+        self.conv = nn.Conv2d(channels, classes, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(self.dropout(x))  # (B, classes, H, W)
+        return self.flatten(self.pool(x))  # (B, classes)
 
 
-def _is_noop_dropout(module: nn.Module) -> bool:
-    return isinstance(module, nn.Dropout) and module.p == 0
+def _dropout(p: float) -> list[nn.Module]:
+    return [nn.Dropout(p)] if p > 0 else []
+
+
+HEADS: dict[str, Callable[..., nn.Module]] = {"fc": FCHead, "gap": GAPHead, "nin": NINHead}
 
 
 def make_head(name: str, channels: int, size: int, classes: int, **options) -> nn.Module:
-    if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; valid: {', '.join(sorted(HEADS))}")
-    return HEADS[name](channels, size, classes, **options)
+    return lookup("head", HEADS, name)(channels, size, classes, **options)

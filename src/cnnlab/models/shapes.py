@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cnnlab.checks import ConfigError
 
-class ShapeError(ValueError):
+
+class ShapeError(ConfigError):
     """A layer's output size is not a positive integer."""
 
 

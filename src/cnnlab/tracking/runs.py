@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import importlib.metadata
+import re
+import signal
 import subprocess
-import tempfile
+import threading
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
@@ -21,18 +22,19 @@ PACKAGES = ("torch", "lightning", "torchvision", "torchmetrics", "mlflow", "hydr
 MAX_TAG_CHARS = 5000  # the error tag keeps the start of a long message; the rest is an artifact
 
 
-def redact_uri(uri: str) -> str:
-    """Hide the password of ``scheme://user:password@host`` so it never reaches the run."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+def redact_uri(text: str) -> str:
+    """Mask the password of every ``scheme://user:password@host`` in ``text``, so that none
+    reaches a param, a tag or a log line."""
+    return _CREDENTIALS.sub(r"\1***@", text)
+
+
+_CREDENTIALS = re.compile(r"(\w[\w+.-]*://[^/:@\s]*:)[^@\s]*@")
 
 
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Flatten nested config into ``a/b/c`` keys. A node's ``_target_`` becomes the node's own
-    value (``optimizer: torch.optim.AdamW``); ``_partial_`` is dropped."""
+    value (``optimizer: torch.optim.AdamW``); ``_partial_`` is dropped; passwords in URIs
+    are masked."""
     flat: dict[str, str] = {}
     for key, value in config.items():
         if key == "_partial_":
@@ -41,7 +43,7 @@ def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
         if isinstance(value, Mapping):
             flat.update(flatten_params(value, f"{name}/"))
         else:
-            flat[name] = str(value)[:MAX_PARAM_VAL_LENGTH]
+            flat[name] = redact_uri(str(value))[:MAX_PARAM_VAL_LENGTH]
     return flat
 
 
@@ -102,7 +104,12 @@ def unique_run_name(client: MlflowClient, experiment_id: str, base: str) -> str:
 
 class TrackedRun:
     """Creates the run on entry; on exit ends it FINISHED, FAILED (error tag and traceback
-    artifact) or KILLED (interrupted), so a run is never left RUNNING."""
+    artifact) or KILLED (Ctrl-C, SIGTERM, any SystemExit), so a run is never left RUNNING.
+
+    While the run is open, SIGTERM raises ``SystemExit(143)`` so that the run is closed
+    also when the signal arrives outside Lightning's own handling (which raises its
+    ``SIGTERMException``, a SystemExit too).
+    """
 
     def __init__(
         self, client: MlflowClient, experiment_id: str, run_name: str, tags: Mapping[str, str]
@@ -110,8 +117,11 @@ class TrackedRun:
         self.client = client
         self.run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
         self.run_id = self.run.info.run_id
+        self._previous_sigterm = None
 
     def __enter__(self) -> TrackedRun:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         return self
 
     def log_params(self, params: Mapping[str, str]) -> None:
@@ -138,17 +148,25 @@ class TrackedRun:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        if error is None or (isinstance(error, SystemExit) and not error.code):
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+        if error is None:
             self.client.set_terminated(self.run_id, "FINISHED")
-            return
-        if isinstance(error, KeyboardInterrupt | SystemExit):
-            self.client.set_tag(self.run_id, "error", "interrupted")
-            self.client.set_terminated(self.run_id, "KILLED")
-            return
-        message = f"{type(error).__name__}: {error}"
-        self.client.set_tag(self.run_id, "error", message[:MAX_TAG_CHARS])
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "traceback.txt"
-            path.write_text("".join(traceback.format_exception(kind, error, trace)))
-            self.client.log_artifact(self.run_id, str(path), "error")
-        self.client.set_terminated(self.run_id, "FAILED")
+        elif isinstance(error, KeyboardInterrupt | SystemExit):
+            self._end_with_error("KILLED", f"interrupted ({type(error).__name__})")
+        else:
+            self._end_with_error("FAILED", f"{type(error).__name__}: {error}", kind, error, trace)
+
+    def _end_with_error(self, status: str, message: str, *exc_info) -> None:
+        """Record what went wrong, as far as the store lets us, then end the run anyway."""
+        try:
+            self.client.set_tag(self.run_id, "error", redact_uri(message)[:MAX_TAG_CHARS])
+            if exc_info:
+                text = redact_uri("".join(traceback.format_exception(*exc_info)))
+                self.client.log_text(self.run_id, text, "error/traceback.txt")
+        finally:
+            self.client.set_terminated(self.run_id, status)
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
