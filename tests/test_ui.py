@@ -1,0 +1,64 @@
+"""``make ui``: the MLflow UI for the project's store, bound to 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from tests.conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def search_runs(port: int) -> list[dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
+        data=json.dumps({"experiment_ids": ["1"]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.load(response).get("runs", [])
+
+
+def test_make_ui_serves_the_store_on_loopback_only(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("ui", artifact_location=str(tmp_path / "art"))
+    run = client.create_run(experiment_id, run_name="lenet5-bn-max-fc-s0")
+    client.set_terminated(run.info.run_id)
+    port = free_port()
+    server = subprocess.Popen(
+        ["make", "--no-print-directory", "ui", f"UI_PORT={port}"],
+        cwd=REPO,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        runs, deadline = [], time.monotonic() + 90
+        while not runs and time.monotonic() < deadline:
+            try:
+                runs = search_runs(port)
+            except OSError:
+                time.sleep(1)
+        assert [r["info"]["run_name"] for r in runs] == ["lenet5-bn-max-fc-s0"]
+        address = socket.gethostbyname(socket.gethostname())
+        if not address.startswith("127."):  # the machine's own address must not answer
+            with socket.socket() as sock:
+                assert sock.connect_ex((address, port)) != 0
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
