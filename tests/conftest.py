@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torchvision
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+import cnnlab.data.sources
 from cnnlab import config
 
 REPO = config.REPO_ROOT
@@ -60,6 +63,37 @@ def write_mnist(root: Path, train: int = FIXTURE_TRAIN, test: int = FIXTURE_TEST
         write_idx(raw / f"{split}-images-idx3-ubyte", images)
         write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
     return root
+
+
+def write_cifar(root: Path, train: int = 500, test: int = 100, classes: int = 10) -> Path:
+    """CIFAR-10's on-disk format: five pickled training batches, a test batch and
+    batches.meta, each a dict with 'data' (N, 3072) uint8 rows and 'labels'. The images are
+    random: CIFAR-10 itself is not available offline."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+
+    def batch(count: int) -> dict:
+        return {
+            "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, classes, count).tolist(),
+        }
+
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(train // 5)))
+    (folder / "test_batch").write_bytes(pickle.dumps(batch(test)))
+    meta = {"label_names": [f"class{i}" for i in range(classes)]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+    return root
+
+
+@pytest.fixture
+def skip_cifar_checksums(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision checks CIFAR files against their published md5 sums, which fixture files
+    cannot match: bypass that check only, not the loader."""
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(cnnlab.data.sources, "check_integrity", lambda *a, **k: True)
+    cnnlab.data.sources.load_splits.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 from pathlib import Path
 
+import lightning as L
+import numpy as np
 import pytest
 import torch
 
 from cnnlab.data import DataError, ImageDataModule
+from cnnlab.data.augment import affine, crop_flip
 from cnnlab.data.datamodule import EpochBatchSampler
 from cnnlab.data.sources import BUNDLED_TEST_SIZE, load_splits
-from tests.conftest import FIXTURE_TEST, FIXTURE_TRAIN, write_idx, write_mnist
+from tests.conftest import FIXTURE_TEST, FIXTURE_TRAIN, write_cifar, write_idx, write_mnist
 
 
 def setup_module() -> None:
@@ -58,7 +63,9 @@ def test_labels_out_of_range_are_refused(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_lists_the_valid_ones() -> None:
-    with pytest.raises(DataError, match="unknown dataset 'svhn'; valid: mnist"):
+    with pytest.raises(
+        DataError, match="unknown dataset 'svhn'; valid: cifar10, cifar100, fashion_mnist, mnist"
+    ):
         ImageDataModule(name="svhn")
 
 
@@ -133,3 +140,163 @@ def test_seeds_draw_different_batch_orders_not_shifted_copies() -> None:
     assert torch.equal(order(0, 1), order(0, 1))  # reproducible
     assert not torch.equal(order(1, 0), order(0, 1))
     assert not torch.equal(order(0, 0), order(1, 0))
+
+
+# -- CIFAR-10 and the other datasets -------------------------------------------------------
+
+
+def test_cifar10_pickles_are_read_by_torchvision(tmp_path: Path, skip_cifar_checksums) -> None:
+    root = write_cifar(tmp_path, train=500, test=100)
+    splits = load_splits("cifar10", str(root), "torchvision", False)
+    assert splits.train.images.shape == (500, 3, 32, 32)
+    assert splits.test.images.shape == (100, 3, 32, 32)
+    assert splits.train.images.dtype == torch.uint8
+    raw = pickle.loads((root / "cifar-10-batches-py" / "data_batch_1").read_bytes())
+    first = torch.from_numpy(raw["data"][0]).view(3, 32, 32)  # rows are R, G, B planes
+    assert torch.equal(splits.train.images[0], first)
+    assert splits.train.labels[:100].tolist() == raw["labels"]
+
+
+def test_missing_cifar10_names_the_folder_files_and_where_to_get_them(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as error:
+        load_splits("cifar10", str(tmp_path), "auto", True)
+    message = str(error.value)
+    assert str(tmp_path / "cifar-10-batches-py") in message
+    assert "data_batch_1" in message and "test_batch" in message and "batches.meta" in message
+    assert "https://www.cs.toronto.edu/~kriz/cifar.html" in message
+    assert "download failed" in message
+
+
+def test_cifar_files_that_fail_the_published_md5_are_named(tmp_path: Path) -> None:
+    root = write_cifar(tmp_path)
+    with pytest.raises(DataError, match=r"data_batch_1: its md5 sum is not c99cafc152244af7"):
+        load_splits("cifar10", str(root), "torchvision", False)
+
+
+def test_bundled_source_has_only_mnist() -> None:
+    with pytest.raises(DataError, match=r"data.source=bundled has only MNIST digits"):
+        load_splits("cifar10", "unused", "bundled", False)
+
+
+# -- damaged files -------------------------------------------------------------------------
+
+
+def damage(path: Path, how) -> None:
+    path.write_bytes(how(path.read_bytes()))
+
+
+@pytest.mark.parametrize(
+    ("file", "how", "problem"),
+    [
+        ("train-images-idx3-ubyte", lambda b: b[:-100], r"but its header \[50, 28, 28\] needs"),
+        (
+            "train-labels-idx1-ubyte",
+            lambda b: b"\x00\x00\x0b\x01" + b[4:],
+            "magic number 00000b01, expected 00000801",
+        ),
+        ("t10k-images-idx3-ubyte", lambda b: b[:10], "10 bytes, shorter than an IDX header"),
+    ],
+)
+def test_damaged_idx_files_are_named_with_the_problem(
+    file: str, how, problem: str, tmp_path: Path
+) -> None:
+    root = write_mnist(tmp_path, train=50, test=20)
+    path = root / "MNIST" / "raw" / file
+    damage(path, how)
+    with pytest.raises(DataError) as error:
+        load_splits("mnist", str(root), "torchvision", False)
+    assert str(path) in str(error.value)
+    assert re.search(problem, str(error.value))
+
+
+def test_idx_images_of_the_wrong_size_are_refused(tmp_path: Path) -> None:
+    root = write_mnist(tmp_path, train=50, test=20)
+    write_idx(root / "MNIST" / "raw" / "train-images-idx3-ubyte", np.zeros((50, 32, 32)))
+    with pytest.raises(DataError, match=r"images of shape \(1, 32, 32\), expected \(1, 28, 28\)"):
+        load_splits("mnist", str(root), "torchvision", False)
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ({"data": np.zeros((10, 3072), np.uint8)}, "no 'labels' (or 'fine_labels') entry"),
+        ({"labels": [0] * 10}, "no 'data' entry"),
+        (
+            {"data": np.zeros((10, 1024), np.uint8), "labels": [0] * 10},
+            "images of (1024,) values, expected 3072 (3x32x32)",
+        ),
+    ],
+)
+def test_damaged_cifar_batches_are_named_with_the_problem(
+    entry: dict, problem: str, tmp_path: Path, skip_cifar_checksums
+) -> None:
+    root = write_cifar(tmp_path)
+    path = root / "cifar-10-batches-py" / "data_batch_3"
+    path.write_bytes(pickle.dumps(entry))
+    with pytest.raises(DataError) as error:
+        load_splits("cifar10", str(root), "torchvision", False)
+    assert f"damaged cifar10 file {path}: {problem}" == str(error.value)
+
+
+def test_cifar_labels_out_of_range_are_refused(tmp_path: Path, skip_cifar_checksums) -> None:
+    root = write_cifar(tmp_path, classes=12)
+    with pytest.raises(DataError, match=r"labels span 0\.\.\.11, valid: 0\.\.9"):
+        load_splits("cifar10", str(root), "torchvision", False)
+
+
+# -- augmentation --------------------------------------------------------------------------
+
+
+def test_crop_flip_takes_a_window_of_the_padded_image_per_sample() -> None:
+    torch.manual_seed(0)
+    images = torch.arange(64 * 3 * 8 * 8, dtype=torch.float32).view(64, 3, 8, 8)
+    out = crop_flip(images, padding=2)
+    assert out.shape == images.shape
+    padded = torch.nn.functional.pad(images, (2,) * 4)
+    offsets = set()
+    for i in range(64):
+        matches = [
+            (dy, dx, flip)
+            for dy in range(5)
+            for dx in range(5)
+            for flip in (False, True)
+            if torch.equal(out[i], _window(padded[i], dy, dx, flip))
+        ]
+        assert len(matches) == 1, i
+        offsets.add(matches[0])
+    assert len(offsets) > 20  # each image its own crop and flip
+
+
+def _window(image: torch.Tensor, dy: int, dx: int, flip: bool) -> torch.Tensor:
+    window = image[:, dy : dy + 8, dx : dx + 8]
+    return window.flip(-1) if flip else window
+
+
+def test_affine_keeps_shape_and_moves_each_digit_differently() -> None:
+    torch.manual_seed(0)
+    images = torch.zeros(16, 1, 28, 28)
+    images[:, :, 10:18, 12:16] = 255.0
+    out = affine(images)
+    assert out.shape == images.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out[0], out[1])
+    assert float(out.sum()) == pytest.approx(float(images.sum()), rel=0.1)  # moved, not erased
+
+
+def test_augmentation_changes_training_batches_only(tmp_path: Path, skip_cifar_checksums) -> None:
+    root = write_cifar(tmp_path)
+    datamodule = ImageDataModule(
+        name="cifar10",
+        root=str(root),
+        source="torchvision",
+        download=False,
+        val_size=100,
+        augment=True,
+    )
+    datamodule.setup("fit")
+    datamodule.trainer = L.Trainer(logger=False, enable_progress_bar=False)
+    batch = next(iter(datamodule.val_dataloader()))
+    datamodule.trainer.validating = True
+    assert torch.equal(*[datamodule.on_after_batch_transfer(batch, 0)[0] for _ in range(2)])
+    datamodule.trainer.training = True
+    first, second = (datamodule.on_after_batch_transfer(batch, 0)[0] for _ in range(2))
+    assert not torch.equal(first, second)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import cnnlab_train
+from tests.conftest import cnnlab_train, real_digits, run_cli, write_idx
 
 pytestmark = pytest.mark.slow
 
@@ -43,3 +46,35 @@ def test_ddp_on_two_cpu_processes_records_one_run_with_its_world_size(tmp_path: 
         11,
     ]
     assert {"val/acc", "test/acc", "time/images_per_s"} <= set(run.data.metrics)
+
+
+def write_indexed_mnist(root: Path, count: int) -> Path:
+    """Real-format MNIST files whose image i carries i in its first two pixels."""
+    images, labels = real_digits(count)
+    images[:, 0, 0] = np.arange(count) % 256
+    images[:, 0, 1] = np.arange(count) // 256
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+    return root
+
+
+def test_each_ddp_rank_gets_a_disjoint_shard_reshuffled_per_epoch(tmp_path: Path) -> None:
+    root = write_indexed_mnist(tmp_path / "data", 300)
+    out = tmp_path / "seen.json"
+    result = run_cli(
+        sys.executable, str(Path(__file__).with_name("ddp_shards.py")), str(root), str(out)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = json.loads(out.read_text())
+    assert len(ranks) == 2
+    val_ids = set(ranks[0]["val/0"]) | set(ranks[1]["val/0"])
+    assert len(val_ids) == 60  # the same 60-image validation set, split between the ranks
+    for epoch in ("0", "1"):
+        first, second = (set(rank[f"train/{epoch}"]) for rank in ranks)
+        assert len(ranks[0][f"train/{epoch}"]) == len(ranks[1][f"train/{epoch}"]) == 120
+        assert not first & second  # 240 training images: no padding, no overlap
+        assert first | second == set(range(300)) - val_ids
+    assert ranks[0]["train/0"] != ranks[0]["train/1"]  # a new order every epoch

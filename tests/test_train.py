@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cnnlab import train
-from tests.conftest import REPO, cnnlab_train, run_cli
+from tests.conftest import REPO, cnnlab_train, run_cli, write_cifar
 
 
 def only_run(tracking_uri: str):
@@ -227,3 +227,26 @@ def test_a_plateau_scheduler_watches_the_validation_loss(small_cfg, tracking_uri
     train.run(small_cfg(plateau))
     _, run = only_run(tracking_uri)
     assert run.info.status == "FINISHED"
+
+
+def test_cifar10_with_augmentation_trains_end_to_end(
+    small_cfg, tmp_path: Path, tracking_uri: str, skip_cifar_checksums
+) -> None:
+    root = write_cifar(tmp_path / "cifar")
+    train.run(
+        small_cfg(
+            [
+                "data=cifar10",
+                f"data.root={root}",
+                "data.val_size=100",
+                "model=cnn",
+                "data.batch_size=32",
+                "data.eval_batch_size=64",
+            ]
+        )
+    )
+    _, run = only_run(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data/name"] == "cifar10"
+    assert run.data.params["data/augment"] == "True"
+    assert run.data.params["model/params_total"] == "66602"

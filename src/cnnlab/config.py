@@ -45,6 +45,9 @@ class DataConfig:
     # Validation images split off the training set: a count if >= 1, else a fraction.
     val_size: float = 0.1
     split_seed: int = 0  # fixes the train/val split independently of the training seed
+    # Per-batch augmentation on the model's device (training batches only): random crop with
+    # 4 px padding and horizontal flip for CIFAR, small random affine for MNIST.
+    augment: bool = False
 
     def __post_init__(self) -> None:
         check_range("data.batch_size", self.batch_size, low=0, low_open=True)

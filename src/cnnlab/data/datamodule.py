@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from cnnlab.checks import ConfigError
+from cnnlab.data.augment import AUGMENTATIONS
 from cnnlab.data.sources import ImageSet, dataset_info, load_splits
 
 
@@ -94,6 +95,7 @@ class ImageDataModule(L.LightningDataModule):
         eval_batch_size: int = 1024,
         val_size: float = 0.1,
         split_seed: int = 0,
+        augment: bool = False,
         shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -101,6 +103,7 @@ class ImageDataModule(L.LightningDataModule):
         self.name, self.root, self.source, self.download = name, root, source, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.split_seed, self.shuffle_seed = val_size, split_seed, shuffle_seed
+        self.augment = AUGMENTATIONS[self.info.augmentation] if augment else None
         self.source_used: str | None = None
         self.train_set: ImageSet | None = None
         self.val_set: ImageSet | None = None
@@ -156,10 +159,14 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(TensorBatches(data), batch_size=None, sampler=sampler, pin_memory=pin)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int):
+        """Augment (training batches only) and normalize on the model's device."""
         images, labels = batch
+        images = images.float()  # (B, C, H, W), 0..255
+        if self.augment is not None and self.trainer is not None and self.trainer.training:
+            images = self.augment(images)
         scale = self._scale.to(images.device)
         shift = self._shift.to(images.device)
-        return torch.addcmul(shift, images.float(), scale), labels  # (B, C, H, W) float32
+        return torch.addcmul(shift, images, scale), labels
 
 
 def _subset(data: ImageSet, index: Tensor) -> ImageSet:
