@@ -11,14 +11,17 @@ from torch import Tensor, nn
 from cnnlab.models.layers import lookup, make_activation
 
 
+def _dropout(p: float) -> list[nn.Module]:
+    return [nn.Dropout(p)] if p > 0 else []
+
+
 class FCHead(nn.Module):
     """Flatten, then hidden linear layers with activation, then the classifier; dropout
     (when > 0) before every linear layer."""
 
     def __init__(
         self,
-        channels: int,
-        size: int,
+        features: int,
         classes: int,
         *,
         hidden: Sequence[int] = (),
@@ -27,7 +30,7 @@ class FCHead(nn.Module):
     ) -> None:
         super().__init__()
         self.flatten = nn.Flatten()
-        widths = [channels * size * size, *hidden]
+        widths = [features, *hidden]
         layers: list[nn.Module] = []
         for width_in, width_out in itertools.pairwise(widths):
             layers += [
@@ -44,22 +47,12 @@ class FCHead(nn.Module):
 
 
 class GAPHead(nn.Module):
-    """Global average pooling to one value per channel, then one linear classifier
-    (``hidden`` and ``activation`` do not apply)."""
+    """Global average pooling to one value per channel, then one linear classifier."""
 
-    def __init__(
-        self,
-        channels: int,
-        size: int,
-        classes: int,
-        *,
-        hidden: Sequence[int] = (),
-        dropout: float = 0.0,
-        activation: str = "relu",
-    ) -> None:
+    def __init__(self, channels: int, classes: int, *, dropout: float = 0.0) -> None:
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = FCHead(channels, 1, classes, dropout=dropout)
+        self.classifier = FCHead(channels, classes, dropout=dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.pool(x)  # (B, C, 1, 1)
@@ -68,18 +61,9 @@ class GAPHead(nn.Module):
 
 class NINHead(nn.Module):
     """Network in Network: a 1x1 conv to one map per class, then global average pooling;
-    no dense layer at all (``hidden`` and ``activation`` do not apply)."""
+    no dense layer at all."""
 
-    def __init__(
-        self,
-        channels: int,
-        size: int,
-        classes: int,
-        *,
-        hidden: Sequence[int] = (),
-        dropout: float = 0.0,
-        activation: str = "relu",
-    ) -> None:
+    def __init__(self, channels: int, classes: int, *, dropout: float = 0.0) -> None:
         super().__init__()
         self.dropout = nn.Sequential(*_dropout(dropout))
         self.conv = nn.Conv2d(channels, classes, 1)
@@ -91,12 +75,29 @@ class NINHead(nn.Module):
         return self.flatten(self.pool(x))  # (B, classes)
 
 
-def _dropout(p: float) -> list[nn.Module]:
-    return [nn.Dropout(p)] if p > 0 else []
+# name -> factory(channels, size, classes, hidden, dropout, activation); each head takes
+# what applies to it: fc_hidden and the activation only matter to the FC head.
+HEADS: dict[str, Callable[..., nn.Module]] = {
+    "fc": lambda channels, size, classes, hidden, dropout, activation: FCHead(
+        channels * size * size, classes, hidden=hidden, dropout=dropout, activation=activation
+    ),
+    "gap": lambda channels, size, classes, hidden, dropout, activation: GAPHead(
+        channels, classes, dropout=dropout
+    ),
+    "nin": lambda channels, size, classes, hidden, dropout, activation: NINHead(
+        channels, classes, dropout=dropout
+    ),
+}
 
 
-HEADS: dict[str, Callable[..., nn.Module]] = {"fc": FCHead, "gap": GAPHead, "nin": NINHead}
-
-
-def make_head(name: str, channels: int, size: int, classes: int, **options) -> nn.Module:
-    return lookup("head", HEADS, name)(channels, size, classes, **options)
+def make_head(
+    name: str,
+    channels: int,
+    size: int,
+    classes: int,
+    *,
+    hidden: Sequence[int] = (),
+    dropout: float = 0.0,
+    activation: str = "relu",
+) -> nn.Module:
+    return lookup("head", HEADS, name)(channels, size, classes, hidden, dropout, activation)
