@@ -12,7 +12,7 @@ UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-all lint format ui clean
+.PHONY: help install train summary test test-all lint format ui bench bench-data clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -30,6 +30,9 @@ install: $(VENV)/.installed ## Create .venv and install cnnlab with its dev extr
 train: install ## Train the default CNN on MNIST (ARGS="model.dropout=0.3 ...")
 	$(PY) -m cnnlab.train $(ARGS)
 
+summary: install ## Print the model's layer table, sizes, parameters, FLOPs (ARGS="model=cnn")
+	$(PY) -m cnnlab.summary $(ARGS)
+
 test: install ## Run the fast test suite
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
@@ -37,16 +40,21 @@ test-all: install ## Run every test, slow ones included
 	$(PY) -m pytest $(ARGS)
 
 lint: install ## Check style with ruff
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 
 format: install ## Format and fix with ruff
-	$(VENV)/bin/ruff format src tests
-	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests bench
+	$(VENV)/bin/ruff check --fix src tests bench
 
 ui: install ## Serve the MLflow UI for this store on 127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(MLFLOW_DB)}" \
 		--default-artifact-root "$(MLFLOW_ARTIFACTS)" --host $(UI_HOST) --port $(UI_PORT)
+
+bench-data: install ## Data path vs the classic torchvision pipeline (bench/results/data.json)
+	$(PY) -m bench.bench_data $(ARGS)
+
+bench: bench-data ## Every benchmark, printed as ratios and saved under bench/results/
 
 clean: ## Remove outputs and caches (keeps .venv, data and the MLflow store)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -168,6 +168,8 @@ def test_hydra_help_and_cfg_job_work() -> None:
     helped = cnnlab_train("--help")
     assert helped.returncode == 0 and "Configuration groups" in helped.stdout
     assert "model: alexnet_small, cnn, lenet5" in helped.stdout
+    info = cnnlab_train("--info")
+    assert info.returncode == 0 and "Config search path" in info.stdout
 
 
 def test_readme_names_the_setup_commands() -> None:

@@ -1,0 +1,72 @@
+"""Shared by the benchmarks: alternating timed repeats, medians, and the results file."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def images_per_second(run: Callable[[], int]) -> float:
+    """Time ``run`` (which returns how many images it processed)."""
+    start = time.perf_counter()
+    images = run()
+    return images / (time.perf_counter() - start)
+
+
+def side_by_side(candidates: dict[str, Callable[[], int]], repeats: int) -> dict[str, float]:
+    """Median images/s of each candidate, measured in alternation after one warm-up each,
+    so that drift in the machine's speed hits every candidate alike."""
+    for run in candidates.values():
+        run()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, run in candidates.items():
+            samples[name].append(images_per_second(run))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def environment() -> dict[str, str]:
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "threads": str(torch.get_num_threads()),
+        "torch": version("torch"),
+        "torchvision": version("torchvision"),
+        "lightning": version("lightning"),
+        "python": platform.python_version(),
+    }
+
+
+def save(name: str, rows: list[dict], settings: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    record = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment": environment(),
+        "settings": settings,
+        "results": rows,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    print(
+        f"{'comparison':<44}{'baseline img/s':>16}{'cnnlab img/s':>16}{'ratio':>9}{'target':>9}  ok"
+    )
+    for row in rows:
+        ok = "yes" if row["ratio"] >= row["target"] else "NO"
+        print(
+            f"{row['name']:<44}{row['baseline']:>16,.0f}{row['cnnlab']:>16,.0f}"
+            f"{row['ratio']:>8.1f}x{row['target']:>8.1f}x  {ok}"
+        )
