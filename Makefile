@@ -6,13 +6,14 @@ PY := $(VENV)/bin/python
 # The torch build installed first; override on machines that need another one.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
+EXP ?= pooling_ablation
 MLFLOW_DB := $(CURDIR)/mlflow.db
 MLFLOW_ARTIFACTS := $(CURDIR)/mlartifacts
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install train summary test test-all lint format ui bench bench-data clean
+.PHONY: help install train sweep summary test test-all lint format ui bench bench-data clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -29,6 +30,9 @@ install: $(VENV)/.installed ## Create .venv and install cnnlab with its dev extr
 
 train: install ## Train the default CNN on MNIST (ARGS="model.dropout=0.3 ...")
 	$(PY) -m cnnlab.train $(ARGS)
+
+sweep: install ## Run an ablation grid as a Hydra multirun (EXP=pooling_ablation ARGS="seed=0,1")
+	$(PY) -m cnnlab.train -m experiment=$(EXP) $(ARGS)
 
 summary: install ## Print the model's layer table, sizes, parameters, FLOPs (ARGS="model=cnn")
 	$(PY) -m cnnlab.summary $(ARGS)

@@ -112,7 +112,10 @@ def test_make_train_as_a_user_runs_it(tmp_path: Path) -> None:
         ("optimizer.lr=abc", "optimizer.lr='abc' is not a number; valid: (0, inf)"),
         ("model.name=resnet", "unknown backbone 'resnet'; valid: alexnet_small, cnn, lenet5"),
         ("model.pooling=maxx", "unknown pooling 'maxx'; valid: avg, gem, lp, max, mixed, none"),
-        ("data.name=svhn", "unknown dataset 'svhn'; valid: mnist"),
+        (
+            "data.name=svhn",
+            "unknown dataset 'svhn'; valid: cifar10, cifar100, fashion_mnist, mnist",
+        ),
         ("data.val_size=100000", "data.val_size=100000 leaves"),
         ("+trainer.max_epoch=3", "unknown trainer argument 'max_epoch'; valid: "),
         ("model.channels=[6,16,32]", "stage3.conv1: input 4, F=5, P=0, S=1"),

@@ -28,12 +28,15 @@ USER_ERRORS = (
 )
 
 
+def one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def fail(error: BaseException) -> NoReturn:
     """Print ``error`` as one line and exit with status 2 (``HYDRA_FULL_ERROR=1``: re-raise)."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    print(f"cnnlab: error: {' '.join(lines)}", file=sys.stderr)
+    print(f"cnnlab: error: {one_line(error)}", file=sys.stderr)
     sys.exit(2)
 
 

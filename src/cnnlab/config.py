@@ -71,6 +71,13 @@ class LoggerConfig:
 
 
 @dataclass
+class SweepConfig:
+    # Stop the sweep at the first failed job; by default it is recorded FAILED and the
+    # remaining jobs run.
+    fail_fast: bool = False
+
+
+@dataclass
 class PathsConfig:
     root_dir: str = str(REPO_ROOT)
     data_dir: str = "${paths.root_dir}/data"
@@ -90,6 +97,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: dict[str, Any] = field(default_factory=dict)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     task_name: str = "train"
     test: bool = True  # evaluate the best checkpoint on the test set after fitting
@@ -111,9 +119,16 @@ __all__ = [
 ]
 
 
+def _sweep_batch(fail_fast: bool) -> int | None:
+    """Jobs per launch batch: Hydra re-raises a job's failure only after its batch ends."""
+    return 1 if fail_fast else None
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore: ``train_schema`` (listed first by
     conf/train.yaml) and one ``model`` group option per preset in cnnlab.models.PRESETS."""
+    if not OmegaConf.has_resolver("cnnlab_sweep_batch"):
+        OmegaConf.register_new_resolver("cnnlab_sweep_batch", _sweep_batch)
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     for name in PRESETS:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers.logger import DummyLogger
@@ -27,10 +30,12 @@ from omegaconf import DictConfig, OmegaConf
 from cnnlab import config, tracking
 from cnnlab.callbacks import EpochSpeed
 from cnnlab.classifier import Classifier
-from cnnlab.cli import user_errors
+from cnnlab.cli import USER_ERRORS, fail, one_line, user_errors
 from cnnlab.data import ImageDataModule
 from cnnlab.models import InputSpec, Net, build_model
 from cnnlab.models.summary import ModelReport, describe
+
+log = logging.getLogger("cnnlab")
 
 # Batches come from tensors in memory; worker processes would only add copies.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -132,14 +137,17 @@ def fit_and_test(job: Job) -> float:
     return math.nan if score is None else float(score)
 
 
-def train(job: Job, client: MlflowClient, experiment_id: str) -> float:
-    """Fit, test and record ``job`` in a new run; returns the best validation accuracy."""
+def train(
+    job: Job, client: MlflowClient, experiment_id: str, sweep: tracking.JobContext | None = None
+) -> float:
+    """Fit, test and record ``job`` in a new run (a child of ``sweep``'s parent run when it
+    is a sweep job); returns the best validation accuracy."""
     settings = job.settings
-    name = tracking.unique_run_name(
-        client, experiment_id, settings.logger.run_name or run_name(settings)
-    )
+    base_name = sweep.run_name if sweep else settings.logger.run_name or run_name(settings)
+    name = tracking.unique_run_name(client, experiment_id, base_name)
+    tags = run_tags(settings) | (sweep.tags() if sweep else {})
     report = describe(job.net, job.spec)
-    with tracking.TrackedRun(client, experiment_id, name, run_tags(settings)) as run:
+    with tracking.TrackedRun(client, experiment_id, name, tags) as run:
         job.trainer.logger = tracking.BatchedMLFlowLogger(
             run.run_id, settings.logger.tracking_uri, settings.logger.flush_every_s
         )
@@ -172,6 +180,9 @@ def report_result(
 
 def run(cfg: DictConfig) -> float:
     """Check ``cfg``, then train and record it; a user error exits before any run exists."""
+    sweep = sweep_context()
+    if sweep is not None:
+        return run_sweep_job(cfg, sweep)
     with user_errors():
         job = prepare(cfg)
         if job.trainer.global_rank == 0:
@@ -187,6 +198,63 @@ def run(cfg: DictConfig) -> float:
         return train(job, client, experiment_id)
     except SIGTERMException as error:  # the run is KILLED; exit as a terminated process does
         raise SystemExit(143) from error
+
+
+def sweep_context() -> tracking.JobContext | None:
+    """The sweep this job is part of; None for a single run."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    sweep = tracking.job_context(hydra_cfg.sweep.dir, list(hydra_cfg.overrides.task))
+    if sweep is None:  # Hydra reports a failing callback only as a warning
+        fail(
+            config.ConfigError(
+                f"no {tracking.SWEEP_FILE} in {hydra_cfg.sweep.dir}: the MLflow sweep callback "
+                "(hydra.callbacks.mlflow_sweep) did not set up this multirun; see its warning above"
+            )
+        )
+    return sweep
+
+
+def run_sweep_job(cfg: DictConfig, sweep: tracking.JobContext) -> float:
+    """One job of a sweep: whatever fails is recorded as a FAILED child run, and the sweep
+    goes on (NaN is its result) unless ``sweep.fail_fast``. The store and the experiment
+    exist already (the sweep callback made them)."""
+    client = MlflowClient(cfg.logger.tracking_uri)
+    fail_fast = bool(OmegaConf.select(cfg, "sweep.fail_fast", default=False))
+    try:
+        job = prepare(cfg)
+    except USER_ERRORS as error:
+        print(f"cnnlab: error: {one_line(error)}", file=sys.stderr)
+        record_failure(client, sweep, error)
+        if fail_fast:
+            raise
+        return math.nan
+    if job.trainer.global_rank != 0:
+        job.trainer.logger = DummyLogger()
+        return fit_and_test(job)
+    try:
+        return train(job, client, sweep.experiment_id, sweep)
+    except SIGTERMException as error:
+        raise SystemExit(143) from error
+    except Exception:
+        if fail_fast:
+            raise
+        log.exception("sweep job %s failed (recorded FAILED); the sweep goes on", sweep.run_name)
+        return math.nan
+
+
+def record_failure(client: MlflowClient, sweep: tracking.JobContext, error: Exception) -> None:
+    """A FAILED child run for a job stopped before training: the sweep's table shows it."""
+    tags = sweep.tags() | {
+        "overrides": tracking.redact_uri(" ".join(HydraConfig.get().overrides.task))
+    }
+    name = tracking.unique_run_name(client, sweep.experiment_id, sweep.run_name)
+    try:
+        with tracking.TrackedRun(client, sweep.experiment_id, name, tags):
+            raise error
+    except type(error):
+        pass
 
 
 @hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="train")

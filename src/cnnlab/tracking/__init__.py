@@ -10,12 +10,17 @@ from cnnlab.tracking.runs import (
     redact_uri,
     unique_run_name,
 )
+from cnnlab.tracking.sweep import SWEEP_FILE, JobContext, SweepCallback, job_context
 
 __all__ = [
+    "SWEEP_FILE",
     "BatchedMLFlowLogger",
+    "JobContext",
+    "SweepCallback",
     "TrackedRun",
     "flatten_params",
     "git_state",
+    "job_context",
     "open_experiment",
     "package_versions",
     "redact_uri",

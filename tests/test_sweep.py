@@ -1,0 +1,184 @@
+"""Sweeps: Hydra multiruns recorded as one MLflow parent run with a child per job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from cnnlab.tracking.sweep import SWEEP_FILE, effective_grid, factors_of, job_context
+from tests.conftest import REPO, cnnlab_train
+
+GRID = {"model.pooling": "max,avg,lp,gem,mixed,stride", "seed": "0,1,2"}
+
+
+def test_the_command_line_narrows_the_experiments_grid_and_adds_factors() -> None:
+    grid = effective_grid(
+        [
+            "experiment=pooling_ablation",
+            "model.pooling=max,lp",
+            "seed=0",
+            "model.head=gap,fc",
+            "data.batch_size=32",
+        ],
+        GRID,
+    )
+    assert grid == {"model.pooling": "max,lp", "seed": "0", "model.head": "gap,fc"}
+    assert factors_of(grid) == ["model.pooling", "model.head"]
+
+
+def test_a_job_knows_its_parent_factors_group_and_name(tmp_path: Path) -> None:
+    (tmp_path / SWEEP_FILE).write_text(
+        json.dumps(
+            {
+                "parent_run_id": "p1",
+                "experiment_id": "3",
+                "factors": ["model.pooling", "model.head", "seed"],
+            }
+        )
+    )
+    job = job_context(
+        str(tmp_path), ["experiment=x", "model.pooling=lp", "model.head=gap", "seed=2"]
+    )
+    assert job.run_name == "pooling=lp-head=gap-s2"
+    assert job.group == "model.pooling=lp,model.head=gap"
+    assert job.tags() == {
+        "mlflow.parentRunId": "p1",
+        "group": "model.pooling=lp,model.head=gap",
+        "factor.model.pooling": "lp",
+        "factor.model.head": "gap",
+    }
+    assert job_context(str(tmp_path / "elsewhere"), []) is None
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf/experiment").glob("*.yaml")))
+def test_every_experiment_composes_with_its_grid(name: str) -> None:
+    shown = cnnlab_train("--cfg", "hydra", f"experiment={name}")
+    assert shown.returncode == 0, shown.stderr
+    assert "seed: 0,1,2" in shown.stdout
+
+
+def sweep(tmp_path: Path, *overrides: str):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = cnnlab_train(
+        "-m",
+        *overrides,
+        "debug=fast",
+        "trainer.enable_progress_bar=false",
+        f"paths.log_dir={tmp_path}/logs",
+        env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "sweep"},
+    )
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweep")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("cnnlab.role") == "sweep"]
+    assert len(parents) == 1
+    children = [r for r in runs if r not in parents]
+    return result, client, parents[0], children
+
+
+@pytest.mark.slow
+def test_pooling_ablation_is_one_parent_with_a_tagged_child_per_grid_point(tmp_path) -> None:
+    result, client, parent, children = sweep(
+        tmp_path, "experiment=pooling_ablation", "model.pooling=max,avg,stride", "seed=0,1"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(children) == 6
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["factor.model.pooling"] for r in children} == {"max", "avg", "stride"}
+    assert not any("factor.seed" in r.data.tags for r in children)
+    assert {r.info.run_name for r in children} == {
+        f"pooling={p}-s{s}" for p in ("max", "avg", "stride") for s in (0, 1)
+    }
+    tags = parent.data.tags
+    assert parent.info.status == "FINISHED"
+    assert json.loads(tags["cnnlab.grid"]) == {"model.pooling": "max,avg,stride", "seed": "0,1"}
+    assert tags["jobs.total"] == "6" and tags["jobs.finished"] == "6"
+    assert tags["jobs.failed"] == "0"
+    assert tags["best.group"].startswith("model.pooling=") and tags["best.n"] == "2"
+    assert "experiment=pooling_ablation" in tags["cnnlab.command"]
+    jobs_csv = Path(client.download_artifacts(parent.info.run_id, "jobs.csv")).read_text()
+    assert len(jobs_csv.strip().splitlines()) == 7  # a header and six jobs
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    result, _, parent, children = sweep(tmp_path, "model.channels=[6,16],[6,16,32]")
+    assert result.returncode == 1
+    assert "1 sweep job(s) FAILED" in result.stderr
+    status = {r.data.tags["factor.model.channels"]: r.info.status for r in children}
+    assert status == {"[6,16]": "FINISHED", "[6,16,32]": "FAILED"}
+    failed = next(r for r in children if r.info.status == "FAILED")
+    assert "stage3.conv1: input 4, F=5" in failed.data.tags["error"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["jobs.failed"] == "1"
+
+
+@pytest.mark.slow
+def test_fail_fast_stops_at_the_first_failed_job(tmp_path: Path) -> None:
+    result, _, parent, children = sweep(
+        tmp_path, "model.channels=[6,16,32],[6,16]", "sweep.fail_fast=true"
+    )
+    assert result.returncode != 0
+    assert [r.info.status for r in children] == ["FAILED"]  # the second job never ran
+    assert parent.info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_leaves_its_parent_and_job_killed(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_EXPERIMENT_NAME": "sweep",
+        "PYTHONUNBUFFERED": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "cnnlab.train",
+        "-m",
+        "seed=0,1,2",
+        "trainer.max_epochs=50",
+        "trainer.enable_progress_bar=false",
+        f"paths.log_dir={tmp_path}/logs",
+    ]
+    sweep_process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = MlflowClient(uri)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not _running_child(client):
+            time.sleep(1)
+        assert _running_child(client), "no job started within 2 minutes"
+        os.killpg(sweep_process.pid, signal.SIGINT)  # Ctrl-C
+        assert sweep_process.wait(timeout=120) != 0
+    finally:
+        if sweep_process.poll() is None:
+            os.killpg(sweep_process.pid, signal.SIGKILL)
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    status = {r.data.tags.get("cnnlab.role", "job"): r.info.status for r in runs}
+    assert status == {"sweep": "KILLED", "job": "KILLED"}
+    assert len(runs) == 2  # the parent and the one job that had started
+
+
+def _running_child(client: MlflowClient) -> bool:
+    experiment = client.get_experiment_by_name("sweep")
+    if experiment is None:
+        return False
+    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+    return any("mlflow.parentRunId" in r.data.tags for r in runs)
