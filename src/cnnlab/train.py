@@ -185,17 +185,28 @@ def run(cfg: DictConfig) -> float:
         return run_sweep_job(cfg, sweep)
     with user_errors():
         job = prepare(cfg)
+        client, experiment_id = None, ""
         if job.trainer.global_rank == 0:
             logger = job.settings.logger
             client = MlflowClient(logger.tracking_uri)
             experiment_id = tracking.open_experiment(
                 client, logger.experiment_name, logger.artifact_location
             )
-    if job.trainer.global_rank != 0:  # a DDP worker: rank 0 records the run
+    return fit_and_record(job, client, experiment_id)
+
+
+def fit_and_record(
+    job: Job,
+    client: MlflowClient | None,
+    experiment_id: str,
+    sweep: tracking.JobContext | None = None,
+) -> float:
+    """Train ``job``; only global rank 0 records it (a DDP worker has nothing to record)."""
+    if job.trainer.global_rank != 0:
         job.trainer.logger = DummyLogger()
         return fit_and_test(job)
     try:
-        return train(job, client, experiment_id)
+        return train(job, client, experiment_id, sweep)
     except SIGTERMException as error:  # the run is KILLED; exit as a terminated process does
         raise SystemExit(143) from error
 
@@ -230,13 +241,8 @@ def run_sweep_job(cfg: DictConfig, sweep: tracking.JobContext) -> float:
         if fail_fast:
             raise
         return math.nan
-    if job.trainer.global_rank != 0:
-        job.trainer.logger = DummyLogger()
-        return fit_and_test(job)
     try:
-        return train(job, client, sweep.experiment_id, sweep)
-    except SIGTERMException as error:
-        raise SystemExit(143) from error
+        return fit_and_record(job, client, sweep.experiment_id, sweep)
     except Exception:
         if fail_fast:
             raise

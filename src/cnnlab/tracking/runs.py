@@ -121,7 +121,7 @@ class TrackedRun:
 
     def __enter__(self) -> TrackedRun:
         if threading.current_thread() is threading.main_thread():
-            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            self._previous_sigterm = signal.signal(signal.SIGTERM, exit_on_sigterm)
         return self
 
     def log_params(self, params: Mapping[str, str]) -> None:
@@ -168,5 +168,6 @@ class TrackedRun:
             self.client.set_terminated(self.run_id, status)
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+def exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """A SIGTERM handler that unwinds like ``sys.exit``, so runs get closed on the way."""
     raise SystemExit(128 + signum)

@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.tracking.runs import git_state, open_experiment, redact_uri
+from cnnlab.tracking.runs import exit_on_sigterm, git_state, open_experiment, redact_uri
 
 SWEEP_FILE = "cnnlab_sweep.json"
 NOT_A_FACTOR = {"seed"}  # repeats of one configuration, not a factor under study
@@ -139,7 +139,7 @@ class SweepCallback(Callback):
             )
         )
         atexit.register(self._end, "KILLED")  # interrupted: never left RUNNING
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGTERM, exit_on_sigterm)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         failed = self._summarize()
@@ -190,7 +190,3 @@ class SweepCallback(Callback):
         if self.client.get_run(self.parent_run_id).info.status == "RUNNING":
             self.client.set_terminated(self.parent_run_id, status)
         atexit.unregister(self._end)
-
-
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
