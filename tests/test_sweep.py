@@ -182,3 +182,18 @@ def _running_child(client: MlflowClient) -> bool:
         return False
     runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
     return any("mlflow.parentRunId" in r.data.tags for r in runs)
+
+
+@pytest.mark.slow
+def test_joblib_runs_parallel_jobs_on_a_fresh_store_with_the_cores_split(tmp_path) -> None:
+    result, _, parent, children = sweep(
+        tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model.head=fc,gap"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(r.data.tags["factor.model.head"] for r in children) == ["fc", "gap"]
+    assert {r.info.status for r in children} == {"FINISHED"}
+    cores = os.cpu_count()
+    threads = {r.data.params["trainer/cpu_threads"] for r in children}
+    assert threads == {str(max(1, cores // min(2, cores)))}
+    assert "JoblibLauncher" in parent.data.tags["cnnlab.launcher"]
+    assert parent.data.tags["jobs.finished"] == "2" and parent.info.status == "FINISHED"
