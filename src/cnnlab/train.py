@@ -82,7 +82,8 @@ def prepare(cfg: DictConfig) -> Job:
         module.optimization(total_steps=1)
     except (TypeError, ValueError) as error:
         raise config.ConfigError(f"optimizer or scheduler settings refused: {error}") from error
-    callbacks = [instantiate(spec) for spec in settings.callbacks.values()] + [EpochSpeed()]
+    callbacks = [instantiate(callback) for callback in settings.callbacks.values()]
+    callbacks.append(EpochSpeed())
     trainer_args = {"default_root_dir": settings.paths.output_dir, **settings.trainer}
     try:
         trainer = L.Trainer(**trainer_args, logger=False, callbacks=callbacks)

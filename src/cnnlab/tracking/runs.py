@@ -14,7 +14,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Param, RunTag
+from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
@@ -125,22 +125,18 @@ class TrackedRun:
         return self
 
     def log_params(self, params: Mapping[str, str]) -> None:
-        self._log_batch(params=[Param(k, v) for k, v in params.items()])
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        self._log_batch(tags=[RunTag(k, v) for k, v in tags.items()])
+        """All of ``params``, in as many ``log_batch`` calls as MLflow's limit per call needs."""
+        items = [Param(key, value) for key, value in params.items()]
+        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(
+                self.run_id, params=items[start : start + MAX_PARAMS_TAGS_PER_BATCH]
+            )
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def _log_batch(self, params: list[Param] = (), tags: list[RunTag] = ()) -> None:
-        for items, field in ((list(params), "params"), (list(tags), "tags")):
-            for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-                chunk = items[start : start + MAX_PARAMS_TAGS_PER_BATCH]
-                self.client.log_batch(self.run_id, **{field: chunk})
 
     def __exit__(
         self,
