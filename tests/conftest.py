@@ -16,6 +16,7 @@ import pytest
 import torchvision
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from mlflow import MlflowClient
 from omegaconf import DictConfig, open_dict
 
 import cnnlab.data.sources
@@ -146,3 +147,25 @@ def run_cli(
 
 def cnnlab_train(*overrides: str, env: dict[str, str] | None = None):
     return run_cli(sys.executable, "-m", "cnnlab.train", *overrides, env=env)
+
+
+def run_sweep(tmp_path: Path, *overrides: str, uri: str | None = None):
+    """A shrunk multirun of ``cnnlab.train`` recorded in experiment "sweep" (a fresh sqlite
+    store unless ``uri``): the result, a client, the parent run and its children."""
+    uri = uri or f"sqlite:///{tmp_path}/mlflow.db"
+    result = cnnlab_train(
+        "-m",
+        *overrides,
+        "debug=fast",
+        "trainer.enable_progress_bar=false",
+        f"paths.log_dir={tmp_path}/logs",
+        env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "sweep"},
+    )
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweep")
+    assert experiment is not None, result.stderr[-3000:]
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("cnnlab.role") == "sweep"]
+    assert len(parents) == 1
+    children = [r for r in runs if r not in parents]
+    return result, client, parents[0], children

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import cnnlab_train, real_digits, run_cli, write_idx
+from tests.conftest import cnnlab_train, real_digits, run_cli, run_sweep, write_idx
 
 pytestmark = pytest.mark.slow
 
@@ -78,3 +78,28 @@ def test_each_ddp_rank_gets_a_disjoint_shard_reshuffled_per_epoch(tmp_path: Path
         assert not first & second  # 240 training images: no padding, no overlap
         assert first | second == set(range(300)) - val_ids
     assert ranks[0]["train/0"] != ranks[0]["train/1"]  # a new order every epoch
+
+
+def test_a_sweep_over_devices_gives_every_job_its_world_size_and_one_run(tmp_path) -> None:
+    # 2 -> 1 crashed and 1 -> 2 trained on one process when Lightning's launcher re-ran the
+    # sweep's command line and left LOCAL_RANK/WORLD_SIZE behind for the next job.
+    result, _, parent, children = run_sweep(
+        tmp_path,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2,1,2",
+        "trainer.limit_train_batches=4",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(children) == 3  # exactly one run per job, none from a DDP worker
+    world = sorted(
+        (r.data.tags["factor.trainer.devices"], r.data.params["trainer/world_size"])
+        for r in children
+    )
+    assert world == [("1", "1"), ("2", "2"), ("2", "2")]
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert parent.data.tags["jobs.finished"] == "3"
+    sweeps = list((tmp_path / "logs/train/multiruns").iterdir())
+    assert len(sweeps) == 1  # no worker re-ran the sweep
+    assert sorted(p.name for p in sweeps[0].iterdir() if p.is_dir()) == ["0", "1", "2"]

@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cnnlab.tracking.sweep import SWEEP_FILE, effective_grid, factors_of, job_context
-from tests.conftest import REPO, cnnlab_train
+from tests.conftest import REPO, cnnlab_train, run_sweep
 
 GRID = {"model.pooling": "max,avg,lp,gem,mixed,stride", "seed": "0,1,2"}
 
@@ -45,7 +45,7 @@ def test_a_job_knows_its_parent_factors_group_and_name(tmp_path: Path) -> None:
         )
     )
     job = job_context(
-        str(tmp_path), ["experiment=x", "model.pooling=lp", "model.head=gap", "seed=2"]
+        str(tmp_path), ["experiment=x", "model.pooling=lp", "model.head=gap", "seed=2"], 2
     )
     assert job.run_name == "pooling=lp-head=gap-s2"
     assert job.group == "model.pooling=lp,model.head=gap"
@@ -55,7 +55,7 @@ def test_a_job_knows_its_parent_factors_group_and_name(tmp_path: Path) -> None:
         "factor.model.pooling": "lp",
         "factor.model.head": "gap",
     }
-    assert job_context(str(tmp_path / "elsewhere"), []) is None
+    assert job_context(str(tmp_path / "elsewhere"), [], 0) is None
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf/experiment").glob("*.yaml")))
@@ -65,28 +65,9 @@ def test_every_experiment_composes_with_its_grid(name: str) -> None:
     assert "seed: 0,1,2" in shown.stdout
 
 
-def sweep(tmp_path: Path, *overrides: str):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = cnnlab_train(
-        "-m",
-        *overrides,
-        "debug=fast",
-        "trainer.enable_progress_bar=false",
-        f"paths.log_dir={tmp_path}/logs",
-        env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "sweep"},
-    )
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("sweep")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("cnnlab.role") == "sweep"]
-    assert len(parents) == 1
-    children = [r for r in runs if r not in parents]
-    return result, client, parents[0], children
-
-
 @pytest.mark.slow
 def test_pooling_ablation_is_one_parent_with_a_tagged_child_per_grid_point(tmp_path) -> None:
-    result, client, parent, children = sweep(
+    result, client, parent, children = run_sweep(
         tmp_path, "experiment=pooling_ablation", "model.pooling=max,avg,stride", "seed=0,1"
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -111,7 +92,7 @@ def test_pooling_ablation_is_one_parent_with_a_tagged_child_per_grid_point(tmp_p
 
 @pytest.mark.slow
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
-    result, _, parent, children = sweep(tmp_path, "model.channels=[6,16],[6,16,32]")
+    result, _, parent, children = run_sweep(tmp_path, "model.channels=[6,16],[6,16,32]")
     assert result.returncode == 1
     assert "1 sweep job(s) FAILED" in result.stderr
     status = {r.data.tags["factor.model.channels"]: r.info.status for r in children}
@@ -124,7 +105,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_fail_fast_stops_at_the_first_failed_job(tmp_path: Path) -> None:
-    result, _, parent, children = sweep(
+    result, _, parent, children = run_sweep(
         tmp_path, "model.channels=[6,16,32],[6,16]", "sweep.fail_fast=true"
     )
     assert result.returncode != 0
@@ -186,7 +167,7 @@ def _running_child(client: MlflowClient) -> bool:
 
 @pytest.mark.slow
 def test_joblib_runs_parallel_jobs_on_a_fresh_store_with_the_cores_split(tmp_path) -> None:
-    result, _, parent, children = sweep(
+    result, _, parent, children = run_sweep(
         tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model.head=fc,gap"
     )
     assert result.returncode == 0, result.stderr[-3000:]

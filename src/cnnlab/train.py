@@ -7,6 +7,7 @@ prints one line and exits with 2. Under DDP only global rank 0 talks to MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -14,7 +15,9 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -29,7 +32,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import config, tracking
+from cnnlab import config, launch, tracking
 from cnnlab.callbacks import EpochSpeed
 from cnnlab.classifier import Classifier
 from cnnlab.cli import USER_ERRORS, fail, one_line, user_errors
@@ -41,6 +44,8 @@ log = logging.getLogger("cnnlab")
 
 # Batches come from tensors in memory; worker processes would only add copies.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# EpochSpeed logs rank 0's clock on purpose: a sum or mean over ranks would not be a time.
+warnings.filterwarnings("ignore", ".*log\\('time/.*sync_dist=True.*")
 
 config.register_configs()
 
@@ -64,11 +69,12 @@ def check_trainer_args(args: dict[str, Any]) -> None:
         config.check_choice("trainer argument", name, valid)
 
 
-def prepare(cfg: DictConfig) -> Job:
-    """Check the config and build data, model, optimizer and Trainer; nothing is recorded."""
+def prepare(cfg: DictConfig, devices: list[int] | None = None) -> Job:
+    """Check the config and build data, model, optimizer and Trainer; nothing is recorded.
+    ``devices``: the device ids the launcher gave this job, instead of ``trainer.devices``."""
     settings = config.to_settings(cfg)
     check_trainer_args(settings.trainer)
-    share_cores()
+    launch.share_cores(launch.parallel_jobs())
     L.seed_everything(settings.seed, workers=True, verbose=False)
     data = dataclasses.asdict(settings.data) | {"source": settings.data.source.value}
     datamodule = ImageDataModule(**data, shuffle_seed=settings.seed)
@@ -85,24 +91,14 @@ def prepare(cfg: DictConfig) -> Job:
     callbacks = [instantiate(callback) for callback in settings.callbacks.values()]
     callbacks.append(EpochSpeed())
     trainer_args = {"default_root_dir": settings.paths.output_dir, **settings.trainer}
+    if devices is not None:
+        trainer_args["devices"] = devices
     try:
         trainer = L.Trainer(**trainer_args, logger=False, callbacks=callbacks)
     # ImportError: an accelerator or strategy whose package is missing (torch_xla, ...)
     except (MisconfigurationException, TypeError, ValueError, ImportError) as error:
         raise config.ConfigError(f"trainer settings refused: {error}") from error
     return Job(cfg, settings, datamodule, spec, net, module, trainer)
-
-
-def share_cores() -> None:
-    """Parallel local sweep jobs (hydra/launcher=joblib) split the CPU cores between them:
-    oversubscribed, two 2-thread jobs on 2 cores ran ~20x slower than one job alone."""
-    hydra_cfg = HydraConfig.get()
-    n_jobs = hydra_cfg.launcher.get("n_jobs") if hydra_cfg.mode == RunMode.MULTIRUN else None
-    if not n_jobs:
-        return
-    cores = os.cpu_count() or 1
-    parallel = cores if n_jobs < 0 else min(n_jobs, cores)
-    torch.set_num_threads(max(1, cores // parallel))
 
 
 def run_name(settings: config.TrainConfig) -> str:
@@ -136,6 +132,7 @@ def run_params(job: Job, report: ModelReport) -> dict[str, str]:
         "model/params_trainable": str(report.params_trainable),
         "model/flops": str(report.flops),
         "trainer/world_size": str(job.trainer.world_size),
+        "trainer/device_ids": ",".join(map(str, job.trainer.device_ids)),
         "trainer/device_type": job.trainer.strategy.root_device.type,
         "trainer/cpu_threads": str(torch.get_num_threads()),
         "data/source_resolved": str(job.datamodule.source_used),
@@ -197,7 +194,7 @@ def report_result(
 
 def run(cfg: DictConfig) -> float:
     """Check ``cfg``, then train and record it; a user error exits before any run exists."""
-    sweep = sweep_context()
+    sweep = sweep_context(cfg.seed)
     if sweep is not None:
         return run_sweep_job(cfg, sweep)
     with user_errors():
@@ -228,16 +225,20 @@ def fit_and_record(
         raise SystemExit(143) from error
 
 
-def sweep_context() -> tracking.JobContext | None:
+def sweep_context(seed: int) -> tracking.JobContext | None:
     """The sweep this job is part of; None for a single run."""
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep_dir = hydra_cfg.sweep.dir
+    elif launch.SWEEP_DIR_ENV in os.environ:  # a sweep job started in its own process
+        sweep_dir = os.environ[launch.SWEEP_DIR_ENV]
+    else:
         return None
-    sweep = tracking.job_context(hydra_cfg.sweep.dir, list(hydra_cfg.overrides.task))
+    sweep = tracking.job_context(sweep_dir, list(hydra_cfg.overrides.task), seed)
     if sweep is None:  # Hydra reports a failing callback only as a warning
         fail(
             config.ConfigError(
-                f"no {tracking.SWEEP_FILE} in {hydra_cfg.sweep.dir}: the MLflow sweep callback "
+                f"no {tracking.SWEEP_FILE} in {sweep_dir}: the MLflow sweep callback "
                 "(hydra.callbacks.mlflow_sweep) did not set up this multirun; see its warning above"
             )
         )
@@ -250,21 +251,48 @@ def run_sweep_job(cfg: DictConfig, sweep: tracking.JobContext) -> float:
     exist already (the sweep callback made them)."""
     client = MlflowClient(cfg.logger.tracking_uri)
     fail_fast = bool(OmegaConf.select(cfg, "sweep.fail_fast", default=False))
-    try:
-        job = prepare(cfg)
-    except USER_ERRORS as error:
-        print(f"cnnlab: error: {one_line(error)}", file=sys.stderr)
-        record_failure(client, sweep, error)
-        if fail_fast:
-            raise
-        return math.nan
-    try:
-        return fit_and_record(job, client, sweep.experiment_id, sweep)
-    except Exception:
-        if fail_fast:
-            raise
-        log.exception("sweep job %s failed (recorded FAILED); the sweep goes on", sweep.run_name)
-        return math.nan
+    with placement(cfg) as devices:
+        try:
+            job = prepare(cfg, devices)
+        except USER_ERRORS as error:
+            print(f"cnnlab: error: {one_line(error)}", file=sys.stderr)
+            record_failure(client, sweep, error)
+            if fail_fast:
+                raise
+            return math.nan
+        try:
+            best_val = fit_or_delegate(job, client, sweep)
+        except Exception:
+            if fail_fast:
+                raise
+            log.exception("sweep job %s failed (recorded FAILED); sweep goes on", sweep.run_name)
+            return math.nan
+    if job.trainer.global_rank == 0:
+        launch.write_result(best_val)
+    return best_val
+
+
+@contextlib.contextmanager
+def placement(cfg: DictConfig) -> Iterator[list[int] | None]:
+    """The GPU of a parallel local job (one job per GPU), or None: the config decides."""
+    hydra_cfg = HydraConfig.get()
+    if launch.parallel_jobs() > 1 and launch.wants_one_gpu(dict(cfg.trainer)):
+        lock_dir = Path(hydra_cfg.sweep.dir)
+        with launch.gpu_slot(lock_dir, torch.cuda.device_count(), hydra_cfg.job.num) as gpu:
+            yield [gpu]
+    else:
+        yield None
+
+
+def fit_or_delegate(job: Job, client: MlflowClient, sweep: tracking.JobContext) -> float:
+    """Train a sweep job here, or in its own process where Lightning would start the DDP
+    workers by re-running the command line (the whole sweep, under ``-m``)."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and launch.needs_own_process(job.trainer):
+        return launch.run_in_own_process(
+            hydra_cfg.sweep.dir, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task)
+        )
+    return fit_and_record(job, client, sweep.experiment_id, sweep)
 
 
 def record_failure(client: MlflowClient, sweep: tracking.JobContext, error: Exception) -> None:

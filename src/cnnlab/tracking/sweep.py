@@ -79,8 +79,8 @@ def factors_of(grid: dict[str, str]) -> list[str]:
     ]
 
 
-def job_context(sweep_dir: str, task_overrides: list[str]) -> JobContext | None:
-    """The sweep this job belongs to, or None outside a cnnlab sweep."""
+def job_context(sweep_dir: str, task_overrides: list[str], seed: int) -> JobContext | None:
+    """The sweep this job (its overrides, its resolved seed) belongs to; None outside one."""
     path = Path(sweep_dir) / SWEEP_FILE
     if not path.exists():
         return None
@@ -92,9 +92,7 @@ def job_context(sweep_dir: str, task_overrides: list[str]) -> JobContext | None:
     factors = {
         key: values[key] for key in sweep["factors"] if key in values and key not in NOT_A_FACTOR
     }
-    return JobContext(
-        sweep["parent_run_id"], sweep["experiment_id"], factors, values.get("seed", "?")
-    )
+    return JobContext(sweep["parent_run_id"], sweep["experiment_id"], factors, str(seed))
 
 
 class SweepCallback(Callback):
