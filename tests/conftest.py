@@ -149,7 +149,9 @@ def cnnlab_train(*overrides: str, env: dict[str, str] | None = None):
     return run_cli(sys.executable, "-m", "cnnlab.train", *overrides, env=env)
 
 
-def run_sweep(tmp_path: Path, *overrides: str, uri: str | None = None):
+def run_sweep(
+    tmp_path: Path, *overrides: str, uri: str | None = None, env: dict[str, str] | None = None
+):
     """A shrunk multirun of ``cnnlab.train`` recorded in experiment "sweep" (a fresh sqlite
     store unless ``uri``): the result, a client, the parent run and its children."""
     uri = uri or f"sqlite:///{tmp_path}/mlflow.db"
@@ -159,7 +161,7 @@ def run_sweep(tmp_path: Path, *overrides: str, uri: str | None = None):
         "debug=fast",
         "trainer.enable_progress_bar=false",
         f"paths.log_dir={tmp_path}/logs",
-        env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "sweep"},
+        env={**(env or {}), "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "sweep"},
     )
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("sweep")

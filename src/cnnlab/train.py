@@ -122,6 +122,7 @@ def run_tags(settings: config.TrainConfig) -> dict[str, str]:
         "mlflow.source.name": "cnnlab.train",
         **tracking.git_state(config.REPO_ROOT),
         **tracking.package_versions(),
+        **({"slurm.job_id": os.environ["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in os.environ else {}),
     }
 
 
@@ -133,10 +134,20 @@ def run_params(job: Job, report: ModelReport) -> dict[str, str]:
         "model/flops": str(report.flops),
         "trainer/world_size": str(job.trainer.world_size),
         "trainer/device_ids": ",".join(map(str, job.trainer.device_ids)),
+        "trainer/processes_from": processes_from(job.trainer),
         "trainer/device_type": job.trainer.strategy.root_device.type,
         "trainer/cpu_threads": str(torch.get_num_threads()),
         "data/source_resolved": str(job.datamodule.source_used),
     }
+
+
+def processes_from(trainer: L.Trainer) -> str:
+    """Who started this job's processes: Lightning, or the cluster (Slurm's srun, torchrun)."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if environment is None:
+        return "single process"
+    name = type(environment).__name__
+    return f"{name} (external)" if environment.creates_processes_externally else name
 
 
 def fit_and_test(job: Job) -> float:

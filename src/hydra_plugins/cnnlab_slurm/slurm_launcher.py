@@ -1,0 +1,77 @@
+"""``hydra/launcher=slurm``: one Slurm job per sweep job, with that job's own DDP shape.
+
+hydra-submitit-launcher submits a whole sweep with one set of resources; an ablation over
+``trainer.devices`` needs each job's own: ``tasks_per_node = trainer.devices`` and
+``nodes = trainer.num_nodes`` (and as many GPUs per node, on GPUs). Slurm's ``srun`` starts
+the tasks and Lightning's SLURMEnvironment makes them one DDP job; cnnlab starts none.
+(Hydra takes launchers only from the ``hydra_plugins`` package, hence this module's home.)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, filter_overrides
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+EXECUTOR_INIT = {"submitit_folder", "max_num_timeout"}  # given to the executor, not sbatch
+
+
+class SlurmLauncher(submitit_launcher.SlurmLauncher):
+    def launch(self, job_overrides: list[list[str]], initial_job_idx: int) -> list[JobReturn]:
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        jobs = []
+        for num, overrides in enumerate(job_overrides, initial_job_idx):
+            job_cfg = self.hydra_context.config_loader.load_sweep_config(
+                self.config, list(overrides)
+            )
+            resources = job_resources(job_cfg.trainer, self.params)
+            log.info("\t#%d : %s (%s)", num, " ".join(filter_overrides(overrides)), resources)
+            executor = self._executor(resources)
+            arguments = (list(overrides), "hydra.sweep.dir", num, f"job{num}")
+            jobs.append(executor.submit(self, *arguments, Singleton.get_state()))
+        return [job.results()[0] for job in jobs]  # the result of rank 0
+
+    def _executor(self, resources: dict[str, Any]) -> Any:
+        import submitit  # imported when used: Hydra imports every plugin module at start-up
+
+        params = self.params | resources
+        executor = submitit.AutoExecutor(
+            cluster="slurm",
+            folder=params["submitit_folder"],
+            slurm_max_num_timeout=params["max_num_timeout"],
+        )
+        shared = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(
+            **{
+                key if key in shared else f"slurm_{key}": value
+                for key, value in params.items()
+                if key not in EXECUTOR_INIT
+            }
+        )
+        return executor
+
+
+def job_resources(trainer: DictConfig, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Slurm tasks (one per DDP process) and nodes for a job's Trainer settings."""
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, int) and devices > 0:
+        tasks = devices
+    elif OmegaConf.is_list(devices) or isinstance(devices, list):
+        tasks = len(devices)
+    elif isinstance(devices, str) and "," in devices:  # "0,1": device ids
+        tasks = len([part for part in devices.split(",") if part.strip()])
+    else:  # "auto" or -1: as many as the launcher's settings say
+        tasks = defaults["tasks_per_node"]
+    resources = {"tasks_per_node": tasks, "nodes": int(trainer.get("num_nodes", 1))}
+    if str(trainer.get("accelerator")) in ("gpu", "cuda"):
+        resources["gpus_per_node"] = tasks
+    return resources
