@@ -178,3 +178,34 @@ def test_joblib_runs_parallel_jobs_on_a_fresh_store_with_the_cores_split(tmp_pat
     assert threads == {str(max(1, cores // min(2, cores)))}
     assert "JoblibLauncher" in parent.data.tags["cnnlab.launcher"]
     assert parent.data.tags["jobs.finished"] == "2" and parent.info.status == "FINISHED"
+
+
+def test_searched_floats_are_short_in_run_names_and_exact_in_groups(tmp_path: Path) -> None:
+    (tmp_path / SWEEP_FILE).write_text(
+        json.dumps({"parent_run_id": "p", "experiment_id": "1", "factors": ["optimizer.lr"]})
+    )
+    job = job_context(str(tmp_path), ["optimizer.lr=0.0016505274986537953"], 0)
+    assert job.run_name == "lr=0.001651-s0"
+    assert job.group == "optimizer.lr=0.0016505274986537953"
+
+
+def test_the_optuna_search_composes_with_in_memory_storage() -> None:
+    shown = cnnlab_train("--cfg", "hydra", "hparams_search=lenet_optuna")
+    assert shown.returncode == 0, shown.stderr
+    assert "OptunaSweeper" in shown.stdout and "storage: null" in shown.stdout
+
+
+@pytest.mark.slow
+def test_an_optuna_search_records_every_trial_and_its_best(tmp_path: Path) -> None:
+    result, client, parent, children = run_sweep(
+        tmp_path, "hparams_search=lenet_optuna", "hydra.sweeper.n_trials=3"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}
+    assert parent.data.tags["cnnlab.factors"] == (
+        "optimizer.lr,optimizer.weight_decay,model.dropout,model.pooling"
+    )
+    best = max(children, key=lambda r: r.data.metrics["val/acc_best"])
+    assert parent.data.tags["best.group"] == best.data.tags["group"]
+    results = client.download_artifacts(parent.info.run_id, "optimization_results.yaml")
+    assert f"best_value: {best.data.metrics['val/acc_best']}" in Path(results).read_text()

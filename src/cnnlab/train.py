@@ -181,6 +181,8 @@ def train(
         run.log_text(tracking.redact_uri(config_yaml), "config.yaml")
         run.log_text(report.table, "model_summary.txt")
         best_val = fit_and_test(job)
+        if not math.isnan(best_val):  # the checkpoint the test used: what a sweep compares
+            run.log_metric("val/acc_best", best_val, step=job.trainer.global_step)
         checkpoint = job.trainer.checkpoint_callback
         if checkpoint and checkpoint.best_model_path:
             run.log_artifact(checkpoint.best_model_path, "checkpoints")

@@ -132,6 +132,9 @@ class TrackedRun:
                 self.run_id, params=items[start : start + MAX_PARAMS_TAGS_PER_BATCH]
             )
 
+    def log_metric(self, key: str, value: float, step: int = 0) -> None:
+        self.client.log_metric(self.run_id, key, value, step=step)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 

@@ -47,7 +47,7 @@ class JobContext:
 
     @property
     def run_name(self) -> str:
-        parts = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in self.factors.items()]
+        parts = [f"{key.rsplit('.', 1)[-1]}={short(value)}" for key, value in self.factors.items()]
         return "-".join([*parts, f"s{self.seed}"])
 
     def tags(self) -> dict[str, str]:
@@ -56,6 +56,15 @@ class JobContext:
             "group": self.group,
             **{f"factor.{key}": value for key, value in self.factors.items()},
         }
+
+
+def short(value: str) -> str:
+    """A searched float (Optuna's 0.0016505274986537953) as 4 significant digits in names."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if "." in value or "e" in value.lower() else value
 
 
 def effective_grid(task_overrides: list[str], grid: dict[str, Any]) -> dict[str, str]:
@@ -140,7 +149,7 @@ class SweepCallback(Callback):
         signal.signal(signal.SIGTERM, exit_on_sigterm)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        failed = self._summarize()
+        failed = self._summarize(Path(config.hydra.sweep.dir))
         self._end("FINISHED")
         if failed:
             print(
@@ -150,7 +159,7 @@ class SweepCallback(Callback):
             )
             sys.exit(1)
 
-    def _summarize(self) -> int:
+    def _summarize(self, sweep_dir: Path) -> int:
         """Tag the parent with the jobs' outcome and the best group; attach jobs.csv."""
         client, parent = self.client, self.parent_run_id
         experiment_id = client.get_run(parent).info.experiment_id
@@ -166,8 +175,8 @@ class SweepCallback(Callback):
             "jobs.failed": str(failed),
         }
         done = jobs[jobs["status"] == "FINISHED"] if len(jobs) else jobs
-        if len(done) and "metrics.val/acc" in done:
-            means = done.groupby("tags.group")["metrics.val/acc"].agg(["mean", "count"])
+        if len(done) and "metrics.val/acc_best" in done:
+            means = done.groupby("tags.group")["metrics.val/acc_best"].agg(["mean", "count"])
             best = means["mean"].idxmax()
             summary |= {
                 "best.group": best,
@@ -180,6 +189,10 @@ class SweepCallback(Callback):
             path = Path(folder) / "jobs.csv"
             jobs.to_csv(path, index=False)
             client.log_artifact(parent, str(path))
+        # Optimizing sweepers (Optuna) write their best parameters here.
+        optimized = sweep_dir / "optimization_results.yaml"
+        if optimized.exists():
+            client.log_artifact(parent, str(optimized))
         return failed
 
     def _end(self, status: str) -> None:
