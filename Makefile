@@ -11,9 +11,13 @@ MLFLOW_DB := $(CURDIR)/mlflow.db
 MLFLOW_ARTIFACTS := $(CURDIR)/mlartifacts
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
+# make server: the store behind it (postgresql://user:password@host/db for many writers).
+SERVER_STORE ?= sqlite:///$(MLFLOW_DB)
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 5001
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep summary test test-all lint format ui bench bench-data clean
+.PHONY: help install train sweep summary test test-all lint format ui server bench bench-data clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -54,6 +58,10 @@ format: install ## Format and fix with ruff
 ui: install ## Serve the MLflow UI for this store on 127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(MLFLOW_DB)}" \
 		--default-artifact-root "$(MLFLOW_ARTIFACTS)" --host $(UI_HOST) --port $(UI_PORT)
+
+server: install ## MLflow tracking server for parallel and remote jobs (127.0.0.1:5001)
+	$(VENV)/bin/mlflow server --backend-store-uri "$(SERVER_STORE)" \
+		--artifacts-destination "$(MLFLOW_ARTIFACTS)" --host $(SERVER_HOST) --port $(SERVER_PORT)
 
 bench-data: install ## Data path vs the classic torchvision pipeline (bench/results/data.json)
 	$(PY) -m bench.bench_data $(ARGS)

@@ -14,17 +14,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.servers import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "scontrol")
 
 
 class Unavailable(Exception):
     """Slurm cannot be installed or started here; the message says why."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class SlurmCluster:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -14,12 +13,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from tests.conftest import REPO
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.servers import assert_loopback_only, free_port
 
 
 def search_runs(port: int) -> list[dict]:
@@ -55,10 +49,7 @@ def test_make_ui_serves_the_store_on_loopback_only(tmp_path: Path) -> None:
             except OSError:
                 time.sleep(1)
         assert [r["info"]["run_name"] for r in runs] == ["lenet5-bn-max-fc-s0"]
-        address = socket.gethostbyname(socket.gethostname())
-        if not address.startswith("127."):  # the machine's own address must not answer
-            with socket.socket() as sock:
-                assert sock.connect_ex((address, port)) != 0
+        assert_loopback_only(port)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
