@@ -17,7 +17,7 @@ SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5001
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep summary test test-all lint format ui server bench bench-data clean
+.PHONY: help install train sweep report summary test test-all lint format ui server bench bench-data clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -38,6 +38,9 @@ train: install ## Train the default CNN on MNIST (ARGS="model.dropout=0.3 ...")
 sweep: install ## Run an ablation grid as a Hydra multirun (EXP=pooling_ablation ARGS="seed=0,1")
 	$(PY) -m cnnlab.train -m experiment=$(EXP) $(ARGS)
 
+report: install ## Ablation report of the newest sweep: HTML, Markdown, plots (ARGS="--parent ID")
+	$(PY) -m cnnlab.report $(ARGS)
+
 summary: install ## Print the model's layer table, sizes, parameters, FLOPs (ARGS="model=cnn")
 	$(PY) -m cnnlab.summary $(ARGS)
 
@@ -48,12 +51,12 @@ test-all: install ## Run every test, slow ones included
 	$(PY) -m pytest $(ARGS)
 
 lint: install ## Check style with ruff
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench notebooks
+	$(VENV)/bin/ruff format --check src tests bench notebooks
 
 format: install ## Format and fix with ruff
-	$(VENV)/bin/ruff format src tests bench
-	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench notebooks
+	$(VENV)/bin/ruff check --fix src tests bench notebooks
 
 ui: install ## Serve the MLflow UI for this store on 127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(MLFLOW_DB)}" \

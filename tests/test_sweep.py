@@ -24,13 +24,13 @@ def test_the_command_line_narrows_the_experiments_grid_and_adds_factors() -> Non
         [
             "experiment=pooling_ablation",
             "model.pooling=max,lp",
-            "seed=0",
+            "seed=0,1",
             "model.head=gap,fc",
             "data.batch_size=32",
         ],
         GRID,
     )
-    assert grid == {"model.pooling": "max,lp", "seed": "0", "model.head": "gap,fc"}
+    assert grid == {"model.pooling": "max,lp", "seed": "0,1", "model.head": "gap,fc"}
     assert factors_of(grid) == ["model.pooling", "model.head"]
 
 
@@ -40,7 +40,7 @@ def test_a_job_knows_its_parent_factors_group_and_name(tmp_path: Path) -> None:
             {
                 "parent_run_id": "p1",
                 "experiment_id": "3",
-                "factors": ["model.pooling", "model.head", "seed"],
+                "factors": ["model.pooling", "model.head"],
             }
         )
     )

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class Job:
     net: Net
     module: Classifier
     trainer: L.Trainer
+    fit_seconds: float = math.nan  # wall time of trainer.fit, validation passes included
 
 
 def check_trainer_args(args: dict[str, Any]) -> None:
@@ -153,7 +155,9 @@ def processes_from(trainer: L.Trainer) -> str:
 def fit_and_test(job: Job) -> float:
     """Fit, then test the best checkpoint; returns the best validation accuracy (NaN: none)."""
     trainer = job.trainer
+    start = time.perf_counter()
     trainer.fit(job.module, datamodule=job.datamodule)
+    job.fit_seconds = time.perf_counter() - start
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint else ""
     if job.settings.test:
@@ -181,8 +185,10 @@ def train(
         run.log_text(tracking.redact_uri(config_yaml), "config.yaml")
         run.log_text(report.table, "model_summary.txt")
         best_val = fit_and_test(job)
+        step = job.trainer.global_step
+        run.log_metric("time/fit_s", job.fit_seconds, step=step)
         if not math.isnan(best_val):  # the checkpoint the test used: what a sweep compares
-            run.log_metric("val/acc_best", best_val, step=job.trainer.global_step)
+            run.log_metric("val/acc_best", best_val, step=step)
         checkpoint = job.trainer.checkpoint_callback
         if checkpoint and checkpoint.best_model_path:
             run.log_artifact(checkpoint.best_model_path, "checkpoints")

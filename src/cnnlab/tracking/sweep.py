@@ -79,12 +79,12 @@ def effective_grid(task_overrides: list[str], grid: dict[str, Any]) -> dict[str,
 
 
 def factors_of(grid: dict[str, str]) -> list[str]:
-    """The settings that take several values in ``grid``."""
+    """The settings under study: those that take several values in ``grid``, but the seed."""
     parser = OverridesParser.create()
     return [
         key
         for key, value in grid.items()
-        if parser.parse_override(f"{key}={value}").is_sweep_override()
+        if key not in NOT_A_FACTOR and parser.parse_override(f"{key}={value}").is_sweep_override()
     ]
 
 
@@ -98,9 +98,7 @@ def job_context(sweep_dir: str, task_overrides: list[str], seed: int) -> JobCont
         o.key_or_group: o.get_value_element_as_str()
         for o in OverridesParser.create().parse_overrides(list(task_overrides))
     }
-    factors = {
-        key: values[key] for key in sweep["factors"] if key in values and key not in NOT_A_FACTOR
-    }
+    factors = {key: values[key] for key in sweep["factors"] if key in values}
     return JobContext(sweep["parent_run_id"], sweep["experiment_id"], factors, str(seed))
 
 

@@ -1,0 +1,81 @@
+"""Write a sweep's report into a folder and attach it to the sweep's parent run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from cnnlab.checks import ConfigError
+from cnnlab.report import render, stats
+from cnnlab.report.collect import Sweep, load_sweep
+
+
+def build_report(
+    client: MlflowClient,
+    experiment: str | None = None,
+    parent: str = "latest",
+    out: Path | None = None,
+    baseline: str | None = None,
+    attach: bool = True,
+) -> Path:
+    """Write report.html, report.md, the PNG plots and groups.csv into ``out`` (default
+    ``reports/<experiment>``) and, with ``attach``, under ``report/`` in the parent run's
+    artifacts. Returns the HTML page's path."""
+    sweep = load_sweep(client, experiment, parent)
+    if sweep.finished.empty:
+        raise ConfigError(
+            f"sweep {sweep.parent.info.run_id} has no FINISHED job yet; {_counts(sweep)}"
+        )
+    jobs = sweep.jobs
+    score = stats.score_of(sweep.finished)
+    try:
+        table = stats.group_table(jobs, score, baseline)
+    except ValueError as error:
+        raise ConfigError(f"--baseline: {error}") from error
+    out = Path(out) if out is not None else Path("reports") / sweep.experiment_name
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "accuracy_by_group.png": render.accuracy_by_group(table, jobs, score),
+        "val_acc_per_epoch.png": render.val_acc_per_epoch(sweep.curves, list(table["group"])),
+        "accuracy_vs_params.png": render.accuracy_vs_params(table, score),
+    }
+    plots = {}
+    for name, figure in figures.items():
+        plots[name] = out / name
+        figure.savefig(plots[name], dpi=120)
+    tables = {"Groups": render.group_display(table)}
+    for factor in sweep.factors:
+        effects = stats.marginal_effects(jobs, factor, score)
+        tables[f"Marginal effect of {factor}"] = render.effects_display(effects, factor)
+    verdicts = [stats.verdict(jobs, factor, score) for factor in sweep.factors]
+    title = f"Ablation report: {sweep.experiment_name}"
+    facts = _facts(sweep, score)
+    table.to_csv(out / "groups.csv", index=False)
+    (out / "report.md").write_text(render.markdown(title, facts, verdicts, tables))
+    page = out / "report.html"
+    page.write_text(render.html_page(title, facts, verdicts, tables, plots))
+    if attach:
+        client.log_artifacts(sweep.parent.info.run_id, str(out), "report")
+    return page
+
+
+def _facts(sweep: Sweep, score: str) -> list[str]:
+    parent = sweep.parent
+    tags = parent.data.tags
+    grid = json.loads(tags.get("cnnlab.grid", "{}"))
+    facts = [
+        f"Sweep {parent.info.run_name} ({parent.info.run_id}); grid: "
+        + "; ".join(f"{key} = {values}" for key, values in grid.items()),
+        f"Jobs: {_counts(sweep)}; groups ranked by mean {score.replace('_', ' ')}.",
+    ]
+    if parent.info.status == "RUNNING":
+        facts.append("Partial: the sweep is still running; this report shows the jobs so far.")
+    return facts
+
+
+def _counts(sweep: Sweep) -> str:
+    status = sweep.jobs["status"].value_counts()
+    parts = [f"{status.get(s, 0)} {s.lower()}" for s in ("FINISHED", "FAILED", "RUNNING", "KILLED")]
+    return ", ".join(parts)

@@ -1,0 +1,233 @@
+"""The ablation report: numbers checked against scipy by hand, files, artifacts, CLI errors.
+
+Sweeps are written into a real sqlite store with MlflowClient, shaped as cnnlab records them
+(a parent tagged cnnlab.role=sweep, children with factor.* and group tags), so the report
+reads them back exactly as it reads a real sweep; a slow test runs one for real.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from scipy import stats as scipy_stats
+
+from cnnlab.checks import ConfigError
+from cnnlab.report import build_report, load_sweep
+from cnnlab.report import stats as report_stats
+from tests.conftest import REPO, run_cli, run_sweep
+
+# head -> final test accuracy of each seed; nin has one FAILED run besides.
+RESULTS = {"fc": [0.98, 0.97, 0.99], "gap": [0.90, 0.91, 0.89], "nin": [0.97, 0.99]}
+PARAMS = {"fc": 44470, "gap": 2786, "nin": 2786}
+
+
+def record_sweep(
+    client: MlflowClient, experiment: str = "heads", status: str = "FINISHED", **extra: list
+) -> str:
+    """A sweep over model.head as cnnlab records one; returns the parent's run id."""
+    experiment_id = client.create_experiment(experiment)
+    parent = client.create_run(
+        experiment_id,
+        run_name="sweep-heads",
+        tags={
+            "cnnlab.role": "sweep",
+            "cnnlab.factors": "model.head",
+            "cnnlab.grid": '{"model.head": "fc,gap,nin", "seed": "0,1,2"}',
+        },
+    )
+    parent_id = parent.info.run_id
+    for head, accuracies in (RESULTS | extra).items():
+        for seed, accuracy in enumerate(accuracies):
+            run = client.create_run(
+                experiment_id,
+                run_name=f"head={head}-s{seed}",
+                tags={
+                    "mlflow.parentRunId": parent_id,
+                    "group": f"model.head={head}",
+                    "factor.model.head": head,
+                },
+            )
+            run_id = run.info.run_id
+            for epoch, fraction in enumerate((0.5, 0.8, 1.0)):
+                client.log_metric(run_id, "val/acc", accuracy * fraction, step=10 * (epoch + 1))
+            client.log_metric(run_id, "val/acc_best", accuracy - 0.005)
+            client.log_metric(run_id, "test/acc", accuracy)
+            client.log_metric(run_id, "time/fit_s", 12.5)
+            client.log_metric(run_id, "time/images_per_s", 20000.0)
+            client.log_param(run_id, "model/params_total", str(PARAMS.get(head, 1000)))
+            client.log_param(run_id, "model/flops", "500000")
+            client.set_terminated(run_id, "FINISHED")
+    failed = client.create_run(
+        experiment_id,
+        run_name="head=nin-s2",
+        tags={
+            "mlflow.parentRunId": parent_id,
+            "group": "model.head=nin",
+            "factor.model.head": "nin",
+        },
+    )
+    client.set_terminated(failed.info.run_id, "FAILED")
+    if status != "RUNNING":
+        client.set_terminated(parent_id, status)
+    return parent_id
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def test_groups_have_t_intervals_and_welch_tests_as_scipy_computes_them(client) -> None:
+    record_sweep(client)
+    sweep = load_sweep(client, "heads")
+    table = report_stats.group_table(sweep.jobs, "test_acc").set_index("group")
+    assert list(table.index) == ["model.head=fc", "model.head=nin", "model.head=gap"]
+    fc = np.array(RESULTS["fc"])
+    half = scipy_stats.t.ppf(0.975, df=2) * fc.std(ddof=1) / math.sqrt(3)  # by hand
+    row = table.loc["model.head=fc"]
+    assert row["test_acc_mean"] == pytest.approx(fc.mean())
+    assert (row["test_acc_ci_low"], row["test_acc_ci_high"]) == pytest.approx(
+        (fc.mean() - half, fc.mean() + half)
+    )
+    assert row["differs"] == "reference" and row["params"] == 44470
+    gap = table.loc["model.head=gap"]
+    expected = scipy_stats.ttest_ind(RESULTS["gap"], RESULTS["fc"], equal_var=False).pvalue
+    assert gap["p_welch"] == pytest.approx(expected) and gap["differs"] == "yes"
+    nin = table.loc["model.head=nin"]
+    assert (nin["n"], nin["failed"]) == (2, 1)  # the FAILED run is counted, not averaged
+    assert nin["test_acc_mean"] == pytest.approx(0.98) and nin["differs"] == "no"
+
+
+def test_a_named_baseline_is_the_reference(client) -> None:
+    record_sweep(client)
+    jobs = load_sweep(client, "heads").jobs
+    table = report_stats.group_table(jobs, "test_acc", baseline="model.head=gap")
+    assert set(table["vs"]) == {"model.head=gap"}
+    assert dict(zip(table["group"], table["differs"], strict=True))["model.head=gap"] == "reference"
+    with pytest.raises(ValueError, match=r"'model\.head=mlp' is not in this sweep; valid: "):
+        report_stats.group_table(jobs, "test_acc", baseline="model.head=mlp")
+
+
+def test_marginal_effects_average_over_the_other_factors(client) -> None:
+    record_sweep(client)
+    jobs = load_sweep(client, "heads").jobs.copy()
+    jobs["model.batchnorm"] = ["true", "false"] * (len(jobs) // 2) + ["true"] * (len(jobs) % 2)
+    effects = report_stats.marginal_effects(jobs, "model.batchnorm", "test_acc")
+    done = jobs[jobs["status"] == "FINISHED"]
+    for level in ("true", "false"):
+        expected = done.loc[done["model.batchnorm"] == level, "test_acc"].mean()
+        row = effects[effects["model.batchnorm"] == level].iloc[0]
+        assert row["mean"] == pytest.approx(expected)
+    assert effects["effect_vs_best"].max() == 0
+
+
+def test_the_verdict_answers_which_by_how_much_and_whether_beyond_noise(client) -> None:
+    record_sweep(client)
+    jobs = load_sweep(client, "heads").jobs
+    verdict = report_stats.verdict(jobs, "model.head", "test_acc")
+    assert verdict.startswith("model.head: fc is best with 98.00% mean test_acc (n = 3)")
+    assert "0.00 points above nin" in verdict and "within noise" in verdict
+
+
+def test_the_report_is_written_and_attached_to_the_parent(client, tmp_path: Path) -> None:
+    parent = record_sweep(client)
+    page = build_report(client, "heads", out=tmp_path / "report")
+    html = page.read_text()
+    assert html.count("data:image/png;base64,") == 3 and "src='http" not in html
+    assert "Welch" in html and "model.head=gap" in html
+    markdown = (tmp_path / "report/report.md").read_text()
+    assert "| model.head=gap |" in markdown and "## Marginal effect of model.head" in markdown
+    for name in ("accuracy_by_group.png", "val_acc_per_epoch.png", "accuracy_vs_params.png"):
+        assert (tmp_path / "report" / name).read_bytes()[:4] == b"\x89PNG"
+    attached = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {"report/report.html", "report/report.md", "report/groups.csv"} <= attached
+
+
+def test_a_running_sweep_gets_a_partial_report(client, tmp_path: Path) -> None:
+    record_sweep(client, status="RUNNING")
+    experiment_id = client.get_experiment_by_name("heads").experiment_id
+    parent = client.search_runs([experiment_id], "tags.`cnnlab.role` = 'sweep'")[0]
+    client.create_run(
+        experiment_id,
+        run_name="head=gap-s3",
+        tags={"mlflow.parentRunId": parent.info.run_id, "group": "model.head=gap"},
+    )
+    page = build_report(client, parent=parent.info.run_id, out=tmp_path / "r", attach=False)
+    text = page.read_text()
+    assert "Partial: the sweep is still running" in text
+    assert "8 finished, 1 failed, 1 running" in text
+
+
+def test_latest_picks_the_newest_sweep_of_any_experiment(client) -> None:
+    record_sweep(client, "older")
+    newest = record_sweep(client, "newer")
+    name, parent = report_find(client)
+    assert (name, parent) == ("newer", newest)
+
+
+def report_find(client: MlflowClient) -> tuple[str, str]:
+    from cnnlab.report.collect import find_parent
+
+    name, run = find_parent(client, None, "latest")
+    return name, run.info.run_id
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ["--experiment", "nope"],
+            "--experiment 'nope' is not in the store; valid: Default, heads",
+        ),
+        (["--parent", "0" * 32], f"--parent {'0' * 32}: no such run in the store"),
+        (["--baseline", "model.head=mlp"], "--baseline: baseline group 'model.head=mlp' is not"),
+    ],
+)
+def test_bad_report_arguments_give_one_line(client, tmp_path, arguments, message) -> None:
+    record_sweep(client)
+    result = run_cli(
+        *(sys.executable, "-m", "cnnlab.report", "--out", str(tmp_path / "r"), *arguments),
+        env={"MLFLOW_TRACKING_URI": client.tracking_uri},
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"cnnlab: error: {message}")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_missing_store_is_an_error_not_a_new_store(tmp_path: Path) -> None:
+    store = tmp_path / "mlflow.db"
+    result = run_cli(
+        sys.executable, "-m", "cnnlab.report", env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+    )
+    assert result.returncode == 2 and "no MLflow store at" in result.stderr
+    assert not store.exists()
+
+
+def test_load_sweep_refuses_an_empty_store(client) -> None:
+    client.create_experiment("empty")
+    with pytest.raises(ConfigError, match="no sweep in experiment 'empty'"):
+        load_sweep(client, "empty")
+
+
+@pytest.mark.slow
+def test_make_report_on_a_real_head_ablation(tmp_path: Path) -> None:
+    result, client, parent, _ = run_sweep(tmp_path, "experiment=head_ablation", "seed=0,1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    made = run_cli(
+        "make", "--no-print-directory", "report", f"ARGS=--out {tmp_path}/report",
+        env={"MLFLOW_TRACKING_URI": client.tracking_uri}, cwd=REPO,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert f"file://{tmp_path}/report/report.html" in made.stdout
+    markdown = (tmp_path / "report/report.md").read_text()
+    for head in ("fc", "gap", "nin"):
+        assert f"| model.head={head} |" in markdown
+    assert "model.head: " in markdown and " points above " in markdown
+    attached = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/report.html" in attached
