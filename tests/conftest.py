@@ -35,6 +35,7 @@ SMALL = [
     "trainer.enable_progress_bar=false",
     "data.batch_size=32",
     "data.eval_batch_size=64",
+    "logger.pictures=false",  # ~2 s a run; tested on their own (test_pictures, test_train)
 ]
 
 

@@ -27,7 +27,9 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 def test_training_on_idx_files_records_a_complete_run(
     small_cfg, mnist_root: Path, tracking_uri: str
 ) -> None:
-    cfg = small_cfg([f"data.root={mnist_root}", "data.source=torchvision", "seed=3"])
+    cfg = small_cfg(
+        [f"data.root={mnist_root}", "data.source=torchvision", "seed=3", "logger.pictures=true"]
+    )
     best_val = train.run(cfg)
     client, run = only_run(tracking_uri)
     assert run.info.status == "FINISHED"
@@ -71,6 +73,17 @@ def test_training_on_idx_files_records_a_complete_run(
     assert len(checkpoints) == 1 and checkpoints[0].endswith(".ckpt")
     summary = Path(client.download_artifacts(run.info.run_id, "model_summary.txt")).read_text()
     assert "[1, 6, 24, 24]" in summary and "44,470" in summary
+    pictures = {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
+    assert pictures == {
+        f"pictures/{name}.png"
+        for name in (
+            "confusion_matrix",
+            "learning_curves",
+            "first_layer_filters",
+            "feature_maps",
+            "misclassified",
+        )
+    }
 
 
 def test_training_offline_on_the_bundled_digits(

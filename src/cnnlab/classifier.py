@@ -8,7 +8,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -38,6 +38,8 @@ class Classifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion_matrix: Tensor | None = None  # of the last test, all ranks summed
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
@@ -55,17 +57,23 @@ class Classifier(L.LightningModule):
         self._evaluate(batch, "val", self.val_acc)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_acc)
+        self.test_confusion(self._evaluate(batch, "test", self.test_acc), batch[1])
+
+    def on_test_epoch_end(self) -> None:
+        # Computed here, where every DDP rank takes part in the sum.
+        self.test_confusion_matrix = self.test_confusion.compute()
+        self.test_confusion.reset()
 
     def _evaluate(
         self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy
-    ) -> None:
+    ) -> Tensor:
         images, labels = batch
         logits = self(images)
         accuracy(logits, labels)
         loss = self.criterion(logits, labels)
         self.log(f"{stage}/loss", loss, batch_size=len(labels), sync_dist=True)
         self.log(f"{stage}/acc", accuracy, batch_size=len(labels), prog_bar=True)
+        return logits
 
     def configure_optimizers(self):
         return self.optimization(int(self.trainer.estimated_stepping_batches))

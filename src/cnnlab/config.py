@@ -65,6 +65,7 @@ class LoggerConfig:
     artifact_location: str | None = None
     run_name: str | None = None  # None: made from the model's knobs and the seed
     flush_every_s: float = 5.0  # metrics are sent in batches at most this often
+    pictures: bool = True  # per-run pictures (cnnlab.pictures) as artifacts: ~2 s a run
 
     def __post_init__(self) -> None:
         check_range("logger.flush_every_s", self.flush_every_s, low=0)

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import config, launch, tracking
+from cnnlab import config, launch, pictures, tracking
 from cnnlab.callbacks import EpochSpeed
 from cnnlab.classifier import Classifier
 from cnnlab.cli import USER_ERRORS, fail, one_line, user_errors
@@ -192,8 +192,39 @@ def train(
         checkpoint = job.trainer.checkpoint_callback
         if checkpoint and checkpoint.best_model_path:
             run.log_artifact(checkpoint.best_model_path, "checkpoints")
+        if settings.logger.pictures:
+            log_pictures(job, run)
         report_result(job.trainer, run, experiment_id, best_val)
     return best_val
+
+
+PICTURE_IMAGES = 512  # test images the pictures are drawn from (misclassified, feature maps)
+CURVES = ("train/loss", "train/acc", "val/loss", "val/acc")
+
+
+def log_pictures(job: Job, run: tracking.TrackedRun) -> None:
+    """Per-run pictures (cnnlab.pictures) of the tested model, under ``pictures/``."""
+    start = time.perf_counter()
+    job.trainer.logger.flush()  # every buffered metric in the store: the curves read it back
+    test = job.datamodule.test_set
+    images, labels = test.images[:PICTURE_IMAGES], test.labels[:PICTURE_IMAGES]
+    history = {
+        name: [(m.step, m.value) for m in run.client.get_metric_history(run.run_id, name)]
+        for name in CURVES
+    }
+    net = job.net.cpu()
+    figures = pictures.for_run(
+        net,
+        images,
+        job.datamodule.normalize(images),
+        labels,
+        job.datamodule.info.class_names,
+        history,
+        job.module.test_confusion_matrix,
+    )
+    for name, figure in figures.items():
+        run.client.log_figure(run.run_id, figure, f"pictures/{name}")
+    log.info("pictures drawn and logged in %.1f s", time.perf_counter() - start)
 
 
 def report_result(

@@ -164,9 +164,13 @@ class ImageDataModule(L.LightningDataModule):
         images = images.float()  # (B, C, H, W), 0..255
         if self.augment is not None and self.trainer is not None and self.trainer.training:
             images = self.augment(images)
+        return self.normalize(images), labels
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 (or 0..255 float) images as the model reads them: per-channel standardized."""
         scale = self._scale.to(images.device)
         shift = self._shift.to(images.device)
-        return torch.addcmul(shift, images, scale), labels
+        return torch.addcmul(shift, images.float(), scale)
 
 
 def _subset(data: ImageSet, index: Tensor) -> ImageSet:

@@ -22,6 +22,15 @@ class DataError(ValueError):
     """Dataset files are missing or damaged; the message names the file and the problem."""
 
 
+# CIFAR-10 keeps its class names in batches.meta, not in torchvision's class.
+CLASS_NAMES = {
+    "cifar10": [
+        "airplane", "automobile", "bird", "cat", "deer",
+        "dog", "frog", "horse", "ship", "truck",
+    ],
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a dataset is: image shape, classes, per-channel statistics of its training set,
@@ -36,6 +45,14 @@ class DatasetInfo:
     loader: type  # a torchvision dataset class
     augmentation: str  # see cnnlab.data.augment.AUGMENTATIONS
     url: str
+
+    @property
+    def class_names(self) -> list[str]:
+        """MNIST and FashionMNIST name their classes in the torchvision class; else digits."""
+        names = getattr(self.loader, "classes", None)
+        if isinstance(names, list) and len(names) == self.classes:
+            return list(names)
+        return CLASS_NAMES.get(self.name, [str(label) for label in range(self.classes)])
 
     @property
     def is_idx(self) -> bool:
