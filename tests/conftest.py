@@ -111,6 +111,15 @@ def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
+def only_run(tracking_uri: str):
+    """The one run in experiment "tests" of the store (see tracking_uri)."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("tests")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
 def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose conf/train.yaml as ``python -m cnnlab.train`` would, with Hydra's runtime set."""
     config.register_configs()

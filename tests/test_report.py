@@ -13,13 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 from scipy import stats as scipy_stats
 
 from cnnlab.checks import ConfigError
 from cnnlab.report import build_report, load_sweep
 from cnnlab.report import stats as report_stats
-from tests.conftest import REPO, run_cli, run_sweep
+from cnnlab.report.checkpoints import load_run_model
+from tests.conftest import REPO, only_run, run_cli, run_sweep
 
 # head -> final test accuracy of each seed; nin has one FAILED run besides.
 RESULTS = {"fc": [0.98, 0.97, 0.99], "gap": [0.90, 0.91, 0.89], "nin": [0.97, 0.99]}
@@ -231,3 +233,29 @@ def test_make_report_on_a_real_head_ablation(tmp_path: Path) -> None:
     assert "model.head: " in markdown and " points above " in markdown
     attached = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/report.html" in attached
+
+
+def test_a_runs_model_comes_back_from_its_artifacts(small_cfg, tracking_uri: str) -> None:
+    from cnnlab import train
+
+    train.run(small_cfg(["model.pooling=avg"]))
+    client, run = only_run(tracking_uri)
+    net, info = load_run_model(client, run.info.run_id)
+    assert info.name == "mnist" and not net.training
+    (name,) = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    checkpoint = torch.load(client.download_artifacts(run.info.run_id, name), weights_only=True)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, checkpoint["state_dict"][f"net.{key}"]), key
+    assert net.backbone.stage1.pool.__class__.__name__ == "AvgPool2d"
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_name(small_cfg, tracking_uri) -> None:
+    from cnnlab import train
+
+    train.run(small_cfg())
+    client, run = only_run(tracking_uri)
+    config_yaml = client.download_artifacts(run.info.run_id, "config.yaml")
+    text = Path(config_yaml).read_text().replace("- 6\n  - 16\n", "- 8\n  - 16\n", 1)
+    client.log_text(run.info.run_id, text, "config.yaml")  # as if another model's config
+    with pytest.raises(ConfigError, match=r"does not fit model 'lenet5' of its config\.yaml"):
+        load_run_model(client, run.info.run_id)

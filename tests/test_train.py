@@ -9,15 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cnnlab import train
-from tests.conftest import REPO, cnnlab_train, run_cli, write_cifar
-
-
-def only_run(tracking_uri: str):
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("tests")
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1
-    return client, runs[0]
+from tests.conftest import REPO, cnnlab_train, only_run, run_cli, write_cifar
 
 
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
