@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cnnlab import train
-from tests.conftest import REPO, cnnlab_train, only_run, run_cli, write_cifar
+from tests.conftest import REPO, SMALL, cnnlab_train, only_run, run_cli, write_cifar
 
 
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -260,3 +260,37 @@ def test_cifar10_with_augmentation_trains_end_to_end(
     assert run.data.params["data/name"] == "cifar10"
     assert run.data.params["data/augment"] == "True"
     assert run.data.params["model/params_total"] == "66602"
+
+
+def test_a_nan_loss_stops_the_run_at_once_with_one_line(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = cnnlab_train(
+        *SMALL,
+        "optimizer.lr=1e12",
+        "scheduler=null",
+        f"paths.log_dir={tmp_path}/logs",
+        env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "tests"},
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("cnnlab: error: training loss is nan at step ")
+    assert "(epoch 0, batch " in last and "learning rate 1e+12" in last
+    assert "Traceback" not in result.stderr
+    client, run = only_run(uri)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("NonFiniteLossError: training loss is nan at step")
+    steps = metric_steps(client, run.info.run_id, "train/loss")
+    assert len(steps) <= 2  # stopped at the first non-finite loss, not at the epoch's end
+
+
+def test_a_seeded_deterministic_run_repeats_exactly(small_cfg, tracking_uri: str) -> None:
+    for _ in range(2):
+        train.run(small_cfg(["seed=5", "trainer.deterministic=true", "model.dropout=0.3"]))
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert len(runs) == 2 and {r.data.tags["seed"] for r in runs} == {"5"}
+    for key in ("train/loss", "val/loss", "val/acc", "test/acc"):
+        first, second = (
+            [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, key)] for r in runs
+        )
+        assert first == second and first, key

@@ -14,6 +14,10 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
+class NonFiniteLossError(ArithmeticError):
+    """The training loss became NaN or infinite: the run stops and is recorded FAILED."""
+
+
 class Classifier(L.LightningModule):
     """Trains any ``nn.Module`` that maps images to class logits.
 
@@ -48,10 +52,20 @@ class Classifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
+        if not torch.isfinite(loss):  # stop now: every later step would train on garbage
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch "
+                f"{self.current_epoch}, batch {batch_idx}), learning rate {self._lr():.3g}; "
+                "lower optimizer.lr, or clip gradients with trainer.gradient_clip_val"
+            )
         self.train_acc(logits, labels)
         self.log("train/loss", loss, batch_size=len(labels))
         self.log("train/acc", self.train_acc, batch_size=len(labels))
         return loss
+
+    def _lr(self) -> float:
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        return optimizers[0].param_groups[0]["lr"] if optimizers else float("nan")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc)

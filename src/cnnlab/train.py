@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import config, launch, pictures, tracking
 from cnnlab.callbacks import EpochSpeed
-from cnnlab.classifier import Classifier
+from cnnlab.classifier import Classifier, NonFiniteLossError
 from cnnlab.cli import USER_ERRORS, fail, one_line, user_errors
 from cnnlab.data import ImageDataModule
 from cnnlab.models import InputSpec, Net, build_model
@@ -161,7 +161,12 @@ def fit_and_test(job: Job) -> float:
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint else ""
     if job.settings.test:
-        trainer.test(job.module, datamodule=job.datamodule, ckpt_path=best_path or None)
+        trainer.test(
+            job.module,
+            datamodule=job.datamodule,
+            ckpt_path=best_path or None,
+            weights_only=True,  # tensors and plain data only: no code runs from the file
+        )
     score = checkpoint.best_model_score if checkpoint else None
     return math.nan if score is None else float(score)
 
@@ -256,7 +261,10 @@ def run(cfg: DictConfig) -> float:
             experiment_id = tracking.open_experiment(
                 client, logger.experiment_name, logger.artifact_location
             )
-    return fit_and_record(job, client, experiment_id)
+    try:
+        return fit_and_record(job, client, experiment_id)
+    except NonFiniteLossError as error:  # recorded FAILED; the user gets one line
+        fail(error)
 
 
 def fit_and_record(
@@ -312,6 +320,11 @@ def run_sweep_job(cfg: DictConfig, sweep: tracking.JobContext) -> float:
             return math.nan
         try:
             best_val = fit_or_delegate(job, client, sweep)
+        except NonFiniteLossError as error:
+            if fail_fast:
+                raise
+            print(f"cnnlab: error: {sweep.run_name}: {error} (recorded FAILED)", file=sys.stderr)
+            return math.nan
         except Exception:
             if fail_fast:
                 raise
