@@ -101,10 +101,16 @@ class Classifier(L.LightningModule):
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         wants_length = "total_steps" in inspect.signature(self.scheduler_factory).parameters
-        if wants_length:
-            scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
-        else:
-            scheduler = self.scheduler_factory(optimizer)
+        try:
+            if wants_length:
+                scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
+            else:
+                scheduler = self.scheduler_factory(optimizer)
+        except ZeroDivisionError as error:  # OneCycleLR: a warm-up phase of zero steps
+            raise ValueError(
+                f"the scheduler cannot plan a run of {total_steps} steps ({error}); "
+                "train for more steps or change its pct_start"
+            ) from error
         interval = "step" if wants_length else "epoch"
         schedule = {"scheduler": scheduler, "interval": interval, "monitor": "val/loss"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -257,7 +257,7 @@ def run(cfg: DictConfig) -> float:
         client, experiment_id = None, ""
         if job.trainer.global_rank == 0:
             logger = job.settings.logger
-            client = MlflowClient(logger.tracking_uri)
+            client = tracking.connect(logger.tracking_uri)
             experiment_id = tracking.open_experiment(
                 client, logger.experiment_name, logger.artifact_location
             )
@@ -307,7 +307,7 @@ def run_sweep_job(cfg: DictConfig, sweep: tracking.JobContext) -> float:
     """One job of a sweep: whatever fails is recorded as a FAILED child run, and the sweep
     goes on (NaN is its result) unless ``sweep.fail_fast``. The store and the experiment
     exist already (the sweep callback made them)."""
-    client = MlflowClient(cfg.logger.tracking_uri)
+    client = tracking.connect(cfg.logger.tracking_uri)
     fail_fast = bool(OmegaConf.select(cfg, "sweep.fail_fast", default=False))
     with placement(cfg) as devices:
         try:

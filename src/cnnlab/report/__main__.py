@@ -7,11 +7,10 @@ import argparse
 import os
 from pathlib import Path
 
-from mlflow import MlflowClient
-
 from cnnlab import config
 from cnnlab.cli import user_errors
 from cnnlab.report.build import build_report
+from cnnlab.tracking.runs import connect, sqlite_file
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,11 +27,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-attach", action="store_true", help="do not log it to the parent run")
     args = parser.parse_args(argv)
     with user_errors():
-        store = args.tracking_uri.removeprefix("sqlite:///")
-        if store != args.tracking_uri and not Path(store).exists():
+        store = sqlite_file(args.tracking_uri)
+        if store is not None and not store.exists():
             raise config.ConfigError(f"no MLflow store at {store}: run a sweep first")
         page = build_report(
-            MlflowClient(args.tracking_uri),
+            connect(args.tracking_uri),
             args.experiment,
             args.parent,
             args.out,

@@ -3,6 +3,7 @@
 from cnnlab.tracking.logger import BatchedMLFlowLogger
 from cnnlab.tracking.runs import (
     TrackedRun,
+    connect,
     flatten_params,
     git_state,
     open_experiment,
@@ -18,6 +19,7 @@ __all__ = [
     "JobContext",
     "SweepCallback",
     "TrackedRun",
+    "connect",
     "flatten_params",
     "git_state",
     "job_context",

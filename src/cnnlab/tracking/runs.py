@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import re
 import signal
@@ -65,6 +66,26 @@ def git_state(folder: Path) -> dict[str, str]:
 
 def package_versions() -> dict[str, str]:
     return {f"version.{name}": importlib.metadata.version(name) for name in PACKAGES}
+
+
+def connect(tracking_uri: str) -> MlflowClient:
+    """A client whose store is ready. A fresh sqlite store is created under a file lock next
+    to it: processes that migrate one at the same time all crash ("table experiments already
+    exists", measured with MLflow 3) and can leave it half-migrated for good."""
+    database = sqlite_file(tracking_uri)
+    if database is None:
+        return MlflowClient(tracking_uri)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return MlflowClient(tracking_uri)  # opening the store creates and migrates it
+
+
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (absolute with four slashes), else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
 def open_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:

@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.tracking.runs import exit_on_sigterm, git_state, open_experiment, redact_uri
+from cnnlab.tracking.runs import connect, exit_on_sigterm, git_state, open_experiment, redact_uri
 
 SWEEP_FILE = "cnnlab_sweep.json"
 NOT_A_FACTOR = {"seed"}  # repeats of one configuration, not a factor under study
@@ -109,7 +109,7 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         logger = config.logger
-        self.client = MlflowClient(logger.tracking_uri)
+        self.client = connect(logger.tracking_uri)
         # The store and the experiment are created here, once: several processes migrating
         # a fresh sqlite store at the same time crash and leave it broken.
         experiment_id = open_experiment(
