@@ -57,6 +57,10 @@ def test_experiment_artifacts_live_beside_a_local_store(
     assert tracking.open_experiment(client, "study", None) == experiment_id
     location = client.get_experiment(experiment_id).artifact_location
     assert location == (tmp_path / "artifacts").as_uri()
+    default = tracking.open_experiment(client, "beside", None)
+    database = Path(client.tracking_uri.removeprefix("sqlite:///"))
+    expected = (database.parent / "mlartifacts").resolve().as_uri()
+    assert client.get_experiment(default).artifact_location == expected
 
 
 def test_repeated_run_names_get_a_number(client: MlflowClient, tmp_path: Path) -> None:

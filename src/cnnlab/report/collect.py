@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from cnnlab.checks import ConfigError
-from cnnlab.tracking.sweep import NOT_A_FACTOR
+from cnnlab.tracking.sweep import NOT_A_FACTOR, children_frame
 
 ROLE_FILTER = "tags.`cnnlab.role` = 'sweep'"
 # What a report compares per job, as MLflow columns -> short names.
@@ -69,12 +69,7 @@ def find_parent(client: MlflowClient, experiment: str | None, parent: str) -> tu
 def load_sweep(client: MlflowClient, experiment: str | None, parent: str = "latest") -> Sweep:
     name, parent_run = find_parent(client, experiment, parent)
     parent_id = parent_run.info.run_id
-    mlflow.set_tracking_uri(client.tracking_uri)  # mlflow.search_runs gives a pandas frame
-    frame = mlflow.search_runs(
-        [parent_run.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
-        order_by=["attributes.start_time ASC"],
-    )
+    frame = children_frame(client, parent_run.info.experiment_id, parent_id)
     tagged = parent_run.data.tags.get("cnnlab.factors", "").split(",")
     factors = [factor for factor in tagged if factor and factor not in NOT_A_FACTOR]
     jobs = _jobs(frame, factors)

@@ -91,13 +91,18 @@ def sqlite_file(tracking_uri: str) -> Path | None:
 def open_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     """The id of experiment ``name``, created if missing (tolerating a concurrent creator).
 
-    ``artifact_location`` is used only for local stores; a tracking server decides its own.
+    A new experiment in a sqlite store keeps its artifacts in ``artifact_location``, by
+    default ``mlartifacts/`` beside the database, so a store and its artifacts travel
+    together; a tracking server decides its own.
     """
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    local = client.tracking_uri.startswith(("sqlite:", "file:", "/"))
-    location = Path(artifact_location).resolve().as_uri() if artifact_location and local else None
+    database = sqlite_file(client.tracking_uri)
+    location = None
+    if database is not None:
+        folder = Path(artifact_location) if artifact_location else database.parent / "mlartifacts"
+        location = folder.resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException:  # another process created it first

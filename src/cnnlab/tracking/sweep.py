@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
@@ -102,6 +103,21 @@ def job_context(sweep_dir: str, task_overrides: list[str], seed: int) -> JobCont
     return JobContext(sweep["parent_run_id"], sweep["experiment_id"], factors, str(seed))
 
 
+def children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
+    """The parent's child runs as ``mlflow.search_runs`` frames them, oldest first, from
+    ``client``'s store; the caller's global tracking URI is left as it was."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        return mlflow.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+            order_by=["attributes.start_time ASC"],
+        )
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 class SweepCallback(Callback):
     def __init__(self) -> None:
         self.client: MlflowClient | None = None
@@ -161,10 +177,7 @@ class SweepCallback(Callback):
         """Tag the parent with the jobs' outcome and the best group; attach jobs.csv."""
         client, parent = self.client, self.parent_run_id
         experiment_id = client.get_run(parent).info.experiment_id
-        mlflow.set_tracking_uri(client.tracking_uri)  # search_runs gives a pandas frame
-        jobs = mlflow.search_runs(
-            [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"
-        )
+        jobs = children_frame(client, experiment_id, parent)
         finished = int((jobs["status"] == "FINISHED").sum()) if len(jobs) else 0
         failed = len(jobs) - finished
         summary = {
