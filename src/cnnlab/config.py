@@ -102,6 +102,7 @@ class TrainConfig:
     seed: int = 0
     task_name: str = "train"
     test: bool = True  # evaluate the best checkpoint on the test set after fitting
+    resume: str | None = None  # an interrupted run's id or checkpoint: continue that run
 
     def __post_init__(self) -> None:
         if "lr" not in self.optimizer:

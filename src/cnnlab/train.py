@@ -34,15 +34,18 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import config, launch, pictures, tracking
-from cnnlab.callbacks import EpochSpeed
+from cnnlab.callbacks import EpochSpeed, ResumeState
 from cnnlab.classifier import Classifier, NonFiniteLossError
 from cnnlab.cli import USER_ERRORS, fail, one_line, user_errors
 from cnnlab.data import ImageDataModule
 from cnnlab.models import InputSpec, Net, build_model
 from cnnlab.models.summary import ModelReport, describe
+from cnnlab.resume import CHECKPOINT_TAG, Target, config_differences, find_target, process_tags
 
 log = logging.getLogger("cnnlab")
 
+# A progress bar per artifact download (config.yaml on resume) is noise in a training log.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Batches come from tensors in memory; worker processes would only add copies.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # EpochSpeed logs rank 0's clock on purpose: a sum or mean over ranks would not be a time.
@@ -63,6 +66,7 @@ class Job:
     module: Classifier
     trainer: L.Trainer
     fit_seconds: float = math.nan  # wall time of trainer.fit, validation passes included
+    resume: Target | None = None  # the interrupted run and checkpoint this job continues
 
 
 def check_trainer_args(args: dict[str, Any]) -> None:
@@ -91,7 +95,7 @@ def prepare(cfg: DictConfig, devices: list[int] | None = None) -> Job:
     except (TypeError, ValueError) as error:
         raise config.ConfigError(f"optimizer or scheduler settings refused: {error}") from error
     callbacks = [instantiate(callback) for callback in settings.callbacks.values()]
-    callbacks.append(EpochSpeed())
+    callbacks += [EpochSpeed(), ResumeState()]
     trainer_args = {"default_root_dir": settings.paths.output_dir, **settings.trainer}
     if devices is not None:
         trainer_args["devices"] = devices
@@ -122,6 +126,7 @@ def run_tags(settings: config.TrainConfig) -> dict[str, str]:
         "seed": str(settings.seed),
         "hydra.output_dir": hydra_cfg.runtime.output_dir,
         "mlflow.source.name": "cnnlab.train",
+        **process_tags(),
         **tracking.git_state(config.REPO_ROOT),
         **tracking.package_versions(),
         **({"slurm.job_id": os.environ["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in os.environ else {}),
@@ -156,7 +161,12 @@ def fit_and_test(job: Job) -> float:
     """Fit, then test the best checkpoint; returns the best validation accuracy (NaN: none)."""
     trainer = job.trainer
     start = time.perf_counter()
-    trainer.fit(job.module, datamodule=job.datamodule)
+    trainer.fit(
+        job.module,
+        datamodule=job.datamodule,
+        ckpt_path=job.resume.checkpoint if job.resume else None,
+        weights_only=True,
+    )
     job.fit_seconds = time.perf_counter() - start
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint else ""
@@ -177,18 +187,24 @@ def train(
     """Fit, test and record ``job`` in a new run (a child of ``sweep``'s parent run when it
     is a sweep job); returns the best validation accuracy."""
     settings = job.settings
-    base_name = sweep.run_name if sweep else settings.logger.run_name or run_name(settings)
-    name = tracking.unique_run_name(client, experiment_id, base_name)
-    tags = run_tags(settings) | (sweep.tags() if sweep else {})
-    report = describe(job.net, job.spec)
-    with tracking.TrackedRun(client, experiment_id, name, tags) as run:
+    logged: dict[str, int] = {}
+    if job.resume:  # the same run again, its params and artifacts as they are
+        tags = {"cnnlab.resumed_from": str(job.resume.checkpoint), **process_tags()}
+        tracked = tracking.TrackedRun.reopen(client, job.resume.run_id, tags)
+        logged = tracking.logged_steps(client, job.resume.run_id)
+        experiment_id = job.resume.run.info.experiment_id
+    else:
+        base_name = sweep.run_name if sweep else settings.logger.run_name or run_name(settings)
+        name = tracking.unique_run_name(client, experiment_id, base_name)
+        tags = run_tags(settings) | (sweep.tags() if sweep else {}) | checkpoint_tag(job)
+        tracked = tracking.TrackedRun(client, experiment_id, name, tags)
+    with tracked as run:
+        next(c for c in job.trainer.callbacks if isinstance(c, ResumeState)).run_id = run.run_id
         job.trainer.logger = tracking.BatchedMLFlowLogger(
-            run.run_id, settings.logger.tracking_uri, settings.logger.flush_every_s
+            run.run_id, settings.logger.tracking_uri, settings.logger.flush_every_s, logged
         )
-        run.log_params(run_params(job, report))
-        config_yaml = OmegaConf.to_yaml(job.cfg, resolve=True)
-        run.log_text(tracking.redact_uri(config_yaml), "config.yaml")
-        run.log_text(report.table, "model_summary.txt")
+        if not job.resume:
+            record_setup(job, run)
         best_val = fit_and_test(job)
         step = job.trainer.global_step
         run.log_metric("time/fit_s", job.fit_seconds, step=step)
@@ -201,6 +217,24 @@ def train(
             log_pictures(job, run)
         report_result(job.trainer, run, experiment_id, best_val)
     return best_val
+
+
+def record_setup(job: Job, run: tracking.TrackedRun) -> None:
+    """Params, the resolved config and the model's layer table of a new run."""
+    report = describe(job.net, job.spec)
+    run.log_params(run_params(job, report))
+    config_yaml = OmegaConf.to_yaml(job.cfg, resolve=True)
+    run.log_text(tracking.redact_uri(config_yaml), "config.yaml")
+    run.log_text(report.table, "model_summary.txt")
+
+
+def checkpoint_tag(job: Job) -> dict[str, str]:
+    """Where the run's last checkpoint will be: what ``resume=<run id>`` continues from."""
+    checkpoint = job.trainer.checkpoint_callback
+    if checkpoint is None or not checkpoint.save_last or not checkpoint.dirpath:
+        return {}
+    last = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}.ckpt"
+    return {CHECKPOINT_TAG: str(last.resolve())}
 
 
 PICTURE_IMAGES = 512  # test images the pictures are drawn from (misclassified, feature maps)
@@ -261,10 +295,30 @@ def run(cfg: DictConfig) -> float:
             experiment_id = tracking.open_experiment(
                 client, logger.experiment_name, logger.artifact_location
             )
+        if job.settings.resume:
+            job.resume = plan_resume(job, client)
+            checkpoint = job.trainer.checkpoint_callback
+            if checkpoint is not None:  # on where the interrupted run left its checkpoints
+                checkpoint.dirpath = str(job.resume.checkpoint.parent)
     try:
         return fit_and_record(job, client, experiment_id)
     except NonFiniteLossError as error:  # recorded FAILED; the user gets one line
         fail(error)
+
+
+def plan_resume(job: Job, client: MlflowClient | None) -> Target:
+    """The run and checkpoint ``resume=`` names, refused when the config has changed."""
+    first_rank = job.trainer.global_rank == 0
+    client = client or tracking.connect(job.settings.logger.tracking_uri)
+    target = find_target(client, job.settings.resume, check_status=first_rank)
+    differences = config_differences(client, target.run_id, job.cfg) if first_rank else []
+    if differences:
+        raise config.ConfigError(
+            f"resume={job.settings.resume}: the config differs from run {target.run_id}'s: "
+            + "; ".join(differences)
+            + ". Resume with its settings, or start a new run"
+        )
+    return target
 
 
 def fit_and_record(
@@ -312,6 +366,10 @@ def run_sweep_job(cfg: DictConfig, sweep: tracking.JobContext) -> float:
     with placement(cfg) as devices:
         try:
             job = prepare(cfg, devices)
+            if job.settings.resume:
+                raise config.ConfigError(
+                    f"resume={job.settings.resume} continues one run; not part of a sweep (-m)"
+                )
         except USER_ERRORS as error:
             print(f"cnnlab: error: {one_line(error)}", file=sys.stderr)
             record_failure(client, sweep, error)

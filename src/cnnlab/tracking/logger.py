@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -23,17 +24,29 @@ class BatchedMLFlowLogger(MLFlowLogger):
     status is set by :class:`cnnlab.tracking.TrackedRun`.
     """
 
-    def __init__(self, run_id: str, tracking_uri: str, flush_every_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        tracking_uri: str,
+        flush_every_s: float = 5.0,
+        logged: Mapping[str, int] | None = None,
+    ) -> None:
+        """``logged``: the last step of each metric the run has already (a resumed run)."""
         super().__init__(run_id=run_id, tracking_uri=tracking_uri, log_model=False)
         self.flush_every_s = flush_every_s
+        self.logged = dict(logged or {})
         self._pending: list[Metric] = []
         self._last_flush = time.monotonic()
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        now_ms = int(time.time() * 1000)
+        now_ms, step = int(time.time() * 1000), step or 0
+        # A resumed run redoes the steps after its checkpoint; those logged before the
+        # interruption stay as they are, so no step appears twice.
         self._pending.extend(
-            Metric(key, float(value), now_ms, step or 0) for key, value in metrics.items()
+            Metric(key, float(value), now_ms, step)
+            for key, value in metrics.items()
+            if step > self.logged.get(key, -1)
         )
         due = time.monotonic() - self._last_flush >= self.flush_every_s
         if due or len(self._pending) >= MAX_METRICS_PER_BATCH:
@@ -46,6 +59,11 @@ class BatchedMLFlowLogger(MLFlowLogger):
             self.experiment.log_batch(self.run_id, metrics=batch)
             del self._pending[: len(batch)]
         self._last_flush = time.monotonic()
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        # Everything up to a checkpoint is in the store before training goes on: a run
+        # killed outright (SIGKILL) and resumed from it misses no step.
+        self.flush()
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:

@@ -145,6 +145,17 @@ class TrackedRun:
         self.run_id = self.run.info.run_id
         self._previous_sigterm = None
 
+    @classmethod
+    def reopen(cls, client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> TrackedRun:
+        """An existing run, RUNNING again (resumed), with ``tags`` added or updated."""
+        client.update_run(run_id, status="RUNNING")
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        run = cls.__new__(cls)
+        run.client, run.run_id, run._previous_sigterm = client, run_id, None
+        run.run = client.get_run(run_id)
+        return run
+
     def __enter__(self) -> TrackedRun:
         if threading.current_thread() is threading.main_thread():
             self._previous_sigterm = signal.signal(signal.SIGTERM, exit_on_sigterm)
@@ -191,6 +202,12 @@ class TrackedRun:
                 self.client.log_text(self.run_id, text, "error/traceback.txt")
         finally:
             self.client.set_terminated(self.run_id, status)
+
+
+def logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """The last step logged for each metric of ``run_id``."""
+    keys = client.get_run(run_id).data.metrics
+    return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
 
 
 def exit_on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -1,0 +1,153 @@
+"""resume=<run id | checkpoint>: an interrupted run continues in the same MLflow run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from cnnlab import train
+from cnnlab.checks import ConfigError
+from cnnlab.resume import CHECKPOINT_TAG, config_differences, find_target, run_id_in
+from tests.conftest import REPO, only_run
+
+
+@pytest.fixture
+def finished_run(small_cfg, tracking_uri: str):
+    train.run(small_cfg(["seed=4"]))
+    return only_run(tracking_uri)
+
+
+def test_a_checkpoint_knows_its_run_and_a_run_its_checkpoint(finished_run) -> None:
+    _, run = finished_run
+    checkpoint = Path(run.data.tags[CHECKPOINT_TAG])
+    assert checkpoint.name == "last.ckpt" and checkpoint.is_file()
+    assert run_id_in(checkpoint) == run.info.run_id
+    assert run.data.tags["cnnlab.pid"].isdigit() and run.data.tags["cnnlab.host"]
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("0123456789abcdef0123456789abcdef", "neither a checkpoint file nor a run of the store"),
+        ("runs/missing/last.ckpt", "no such checkpoint file"),
+    ],
+)
+def test_a_resume_target_that_does_not_exist_is_named(finished_run, target, message) -> None:
+    client, _ = finished_run
+    with pytest.raises(ConfigError, match=f"resume={target}: {message}"):
+        find_target(client, target)
+
+
+def test_a_finished_run_is_not_resumed(finished_run) -> None:
+    client, run = finished_run
+    with pytest.raises(ConfigError, match="FINISHED; nothing to resume"):
+        find_target(client, run.info.run_id)
+
+
+def test_files_that_are_not_cnnlab_checkpoints_are_refused(finished_run, tmp_path) -> None:
+    client, _ = finished_run
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
+    with pytest.raises(ConfigError, match="a checkpoint without an MLflow run id"):
+        find_target(client, str(foreign))
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="not a readable checkpoint"):
+        find_target(client, str(garbage))
+
+
+def test_a_run_left_running_by_a_dead_process_is_marked_killed(finished_run) -> None:
+    client, run = finished_run
+    run_id = run.info.run_id
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, "cnnlab.pid", str(os.getpid()))  # alive: this very process
+    with pytest.raises(ConfigError, match=f"run {run_id} is still running"):
+        find_target(client, run_id)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    client.set_tag(run_id, "cnnlab.pid", dead)
+    target = find_target(client, run_id)
+    marked = client.get_run(run_id)
+    assert marked.info.status == "KILLED" and "cnnlab.died" in marked.data.tags
+    assert target.checkpoint == Path(run.data.tags[CHECKPOINT_TAG])
+
+
+def test_a_changed_setting_is_named_and_folders_are_not(finished_run, small_cfg) -> None:
+    client, run = finished_run
+    changed = small_cfg(["seed=4", "model.dropout=0.5", "paths.log_dir=/elsewhere"])
+    assert config_differences(client, run.info.run_id, changed) == ["model/dropout: 0.2 -> 0.5"]
+
+
+# End to end, as users run it: a run interrupted by Ctrl-C and one killed outright both
+# continue to the same metrics as an uninterrupted run.
+ARGS = [
+    "seed=7", "trainer.deterministic=true", "trainer.max_epochs=3",
+    "trainer.limit_train_batches=40", "trainer.limit_val_batches=4",
+    "trainer.limit_test_batches=2", "trainer.log_every_n_steps=5",
+    "trainer.enable_progress_bar=false", "logger.pictures=false", "model.dropout=0.2",
+]  # fmt: skip
+
+
+def cnnlab(tmp_path: Path, name: str, *extra: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "MLFLOW_EXPERIMENT_NAME": "resume",
+    }
+    command = [sys.executable, "-m", "cnnlab.train", *ARGS, *extra,
+               f"paths.log_dir={tmp_path}/logs", f"hydra.run.dir={tmp_path}/{name}"]  # fmt: skip
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def interrupt_after_first_epoch(tmp_path: Path, name: str, signum: int) -> None:
+    process = cnnlab(tmp_path, name)
+    last = tmp_path / name / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signum)
+    assert process.wait(timeout=120) != 0
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+@pytest.mark.slow
+def test_interrupted_runs_resume_to_the_metrics_of_an_uninterrupted_one(tmp_path) -> None:
+    whole = cnnlab(tmp_path, "whole")
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
+    interrupt_after_first_epoch(tmp_path, "ctrl_c", signal.SIGINT)
+    interrupt_after_first_epoch(tmp_path, "killed", signal.SIGKILL)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("resume").experiment_id
+    runs = {Path(r.data.tags["hydra.output_dir"]).name: r for r in client.search_runs([experiment])}
+    assert runs["ctrl_c"].info.status == "KILLED"  # never left RUNNING
+    assert runs["killed"].info.status == "RUNNING"  # SIGKILL: nobody could close it
+    assert runs["ctrl_c"].data.tags[CHECKPOINT_TAG] == str(
+        tmp_path / "ctrl_c/checkpoints/last.ckpt"
+    )
+
+    by_id = cnnlab(tmp_path, "resume1", f"resume={runs['ctrl_c'].info.run_id}")
+    assert by_id.wait(timeout=600) == 0, by_id.stderr.read()[-3000:]
+    by_file = cnnlab(tmp_path, "resume2", f"resume={tmp_path}/killed/checkpoints/last.ckpt")
+    assert by_file.wait(timeout=600) == 0, by_file.stderr.read()[-3000:]
+
+    assert len(client.search_runs([experiment])) == 3  # resumed in place, no new run
+    reference = runs["whole"].info.run_id
+    for name in ("ctrl_c", "killed"):
+        run = client.get_run(runs[name].info.run_id)
+        assert run.info.status == "FINISHED"
+        for key in ("train/loss", "val/acc", "val/loss", "test/acc"):
+            assert history(client, run.info.run_id, key) == history(client, reference, key), key
+    assert "cnnlab.died" in client.get_run(runs["killed"].info.run_id).data.tags
