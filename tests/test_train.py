@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 from mlflow import MlflowClient
 
 from cnnlab import train
@@ -107,66 +106,6 @@ def test_make_train_as_a_user_runs_it(tmp_path: Path) -> None:
     run_id = re.search(r"MLflow run: ([0-9a-f]{32})", result.stdout).group(1)
     assert "make ui" in result.stdout
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
-
-
-@pytest.mark.parametrize(
-    ("override", "expected"),
-    [
-        ("optimizer.lr=0", "optimizer.lr=0 is out of range; valid: (0, inf)"),
-        ("data.batch_size=-8", "data.batch_size=-8 is out of range; valid: (0, inf)"),
-        ("optimizer.lr=abc", "optimizer.lr='abc' is not a number; valid: (0, inf)"),
-        ("model.name=resnet", "unknown backbone 'resnet'; valid: alexnet_small, cnn, lenet5"),
-        ("model.pooling=maxx", "unknown pooling 'maxx'; valid: avg, gem, lp, max, mixed, none"),
-        (
-            "data.name=svhn",
-            "unknown dataset 'svhn'; valid: cifar10, cifar100, fashion_mnist, mnist",
-        ),
-        ("data.val_size=100000", "data.val_size=100000 leaves"),
-        ("+trainer.max_epoch=3", "unknown trainer argument 'max_epoch'; valid: "),
-        ("model.channels=[6,16,32]", "stage3.conv1: input 4, F=5, P=0, S=1"),
-        ("trainer.accelerator=tpu", "trainer settings refused: Requirement 'torch_xla"),
-        ("trainer.accelerator=quantum", "trainer settings refused: "),
-        ("trainer.precision=bogus", "trainer settings refused: "),
-        ("trainer.max_epochs=-5", "trainer settings refused: "),
-        ("+optimizer.momentum=0.9", "optimizer or scheduler settings refused: "),
-        ("scheduler.pct_start=2", "optimizer or scheduler settings refused: "),
-        ("optimizer._target_=torch.optim.Adamx", "Error locating target 'torch.optim.Adamx'"),
-        ("callbacks.model_checkpoint.mode=maxx", "mode"),
-    ],
-)
-def test_bad_input_is_one_clear_line_before_any_run(
-    override: str, expected: str, small_cfg, tracking_uri: str, capsys
-) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        train.run(small_cfg([override]))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err == f"cnnlab: error: {err.removeprefix('cnnlab: error: ')}"
-    assert expected in err and err.count("\n") == 1
-    assert not Path(tracking_uri.removeprefix("sqlite:///")).exists()  # MLflow untouched
-
-
-@pytest.mark.parametrize(
-    ("override", "expected", "status"),
-    [
-        ("optimizer.lr=0", "cnnlab: error: optimizer.lr=0 is out of range; valid: (0, inf)", 2),
-        ("model=resnet", "Could not find 'model/resnet'", 1),
-        ("model.dropot=0.3", "Key 'dropot' not in 'ModelConfig'", 1),
-    ],
-)
-def test_bad_input_on_the_command_line_exits_without_a_traceback(
-    override: str, expected: str, status: int, tmp_path: Path
-) -> None:
-    store = tmp_path / "mlflow.db"
-    result = cnnlab_train(
-        override,
-        f"paths.log_dir={tmp_path}/logs",
-        env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"},
-    )
-    assert result.returncode == status
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not store.exists()  # found before MLflow was touched: no store, no run
 
 
 def test_hydra_help_and_cfg_job_work() -> None:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig
 
 from cnnlab.checks import ConfigError
 from cnnlab.data import DataError
@@ -46,3 +50,30 @@ def user_errors() -> Iterator[None]:
         yield
     except USER_ERRORS as error:
         fail(error)
+
+
+class OutputFolderCheck(Callback):
+    """Hydra callback: the run or sweep folder must take files before Hydra makes it (it would
+    fail with a traceback wall). Hydra reports callback exceptions only as warnings, so a
+    bad folder ends here with one line and exit status 2."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(folder: str, key: str) -> None:
+        path = Path(folder)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path):
+                pass
+        except OSError as error:
+            fail(
+                ConfigError(
+                    f"{key}={folder} is not writable ({error.strerror}); set paths.log_dir to "
+                    "a folder you can write"
+                )
+            )

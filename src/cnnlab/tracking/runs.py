@@ -9,6 +9,8 @@ import signal
 import subprocess
 import threading
 import traceback
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -18,6 +20,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+from cnnlab.checks import ConfigError
 
 PACKAGES = ("torch", "lightning", "torchvision", "torchmetrics", "mlflow", "hydra-core")
 MAX_TAG_CHARS = 5000  # the error tag keeps the start of a long message; the rest is an artifact
@@ -72,6 +76,8 @@ def connect(tracking_uri: str) -> MlflowClient:
     """A client whose store is ready. A fresh sqlite store is created under a file lock next
     to it: processes that migrate one at the same time all crash ("table experiments already
     exists", measured with MLflow 3) and can leave it half-migrated for good."""
+    if tracking_uri.startswith(("http://", "https://")):
+        check_reachable(tracking_uri)
     database = sqlite_file(tracking_uri)
     if database is None:
         return MlflowClient(tracking_uri)
@@ -79,6 +85,20 @@ def connect(tracking_uri: str) -> MlflowClient:
     with open(f"{database}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         return MlflowClient(tracking_uri)  # opening the store creates and migrates it
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 10) -> None:
+    """Fail at once on a tracking server that does not answer: MLflow's own client retries
+    for minutes before it gives up. Any HTTP answer (even 404 from a proxy) will do."""
+    try:
+        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"logger.tracking_uri={redact_uri(tracking_uri)}: the tracking server does not "
+            f"answer ({getattr(error, 'reason', error)}); start it (make server) or fix the URI"
+        ) from error
 
 
 def sqlite_file(tracking_uri: str) -> Path | None:
