@@ -93,6 +93,7 @@ ARGS = [
     "trainer.limit_train_batches=40", "trainer.limit_val_batches=4",
     "trainer.limit_test_batches=2", "trainer.log_every_n_steps=5",
     "trainer.enable_progress_bar=false", "logger.pictures=false", "model.dropout=0.2",
+    "logger.flush_every_s=0",
 ]  # fmt: skip
 
 
@@ -108,15 +109,30 @@ def cnnlab(tmp_path: Path, name: str, *extra: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-def interrupt_after_first_epoch(tmp_path: Path, name: str, signum: int) -> None:
+def interrupt_mid_epoch(tmp_path: Path, name: str, signum: int) -> None:
+    """Signal the run once its second epoch is under way (its train/loss reached step 50:
+    with flush_every_s=0 every logged step is in the store at once)."""
     process = cnnlab(tmp_path, name)
-    last = tmp_path / name / "checkpoints" / "last.ckpt"
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     deadline = time.monotonic() + 300
-    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+    while process.poll() is None and time.monotonic() < deadline:
+        if _last_step(client, tmp_path / name) >= 50:
+            break
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be interrupted"
     process.send_signal(signum)
     assert process.wait(timeout=120) != 0
+
+
+def _last_step(client: MlflowClient, output_dir: Path) -> int:
+    experiment = client.get_experiment_by_name("resume")
+    if experiment is None:
+        return -1
+    for run in client.search_runs([experiment.experiment_id]):
+        if run.data.tags.get("hydra.output_dir") == str(output_dir):
+            return max((m.step for m in client.get_metric_history(run.info.run_id, "train/loss")),
+                       default=-1)  # fmt: skip
+    return -1
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -127,16 +143,17 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, floa
 def test_interrupted_runs_resume_to_the_metrics_of_an_uninterrupted_one(tmp_path) -> None:
     whole = cnnlab(tmp_path, "whole")
     assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
-    interrupt_after_first_epoch(tmp_path, "ctrl_c", signal.SIGINT)
-    interrupt_after_first_epoch(tmp_path, "killed", signal.SIGKILL)
+    interrupt_mid_epoch(tmp_path, "ctrl_c", signal.SIGINT)
+    interrupt_mid_epoch(tmp_path, "killed", signal.SIGKILL)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("resume").experiment_id
     runs = {Path(r.data.tags["hydra.output_dir"]).name: r for r in client.search_runs([experiment])}
     assert runs["ctrl_c"].info.status == "KILLED"  # never left RUNNING
     assert runs["killed"].info.status == "RUNNING"  # SIGKILL: nobody could close it
-    assert runs["ctrl_c"].data.tags[CHECKPOINT_TAG] == str(
-        tmp_path / "ctrl_c/checkpoints/last.ckpt"
-    )
+    # Ctrl-C saved the state as it stood, mid-epoch 2; SIGKILL left epoch 1's.
+    recorded = runs["ctrl_c"].data.tags[CHECKPOINT_TAG]
+    assert recorded == str(tmp_path / "ctrl_c/checkpoints/interrupted.ckpt")
+    assert torch.load(recorded, weights_only=True)["global_step"] % 40 != 0
 
     by_id = cnnlab(tmp_path, "resume1", f"resume={runs['ctrl_c'].info.run_id}")
     assert by_id.wait(timeout=600) == 0, by_id.stderr.read()[-3000:]

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import random
+import signal
+import sys
+import threading
 import time
+from types import FrameType
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import Tensor
 
 
 class EpochSpeed(L.Callback):
@@ -40,18 +48,33 @@ class EpochSpeed(L.Callback):
 
 
 class ResumeState(L.Callback):
-    """Saved in every checkpoint: the MLflow run it belongs to, and the states of the random
-    number generators, so that a resumed run continues in the same MLflow run and draws the
-    same dropout masks as an uninterrupted one (data order is seeded per epoch already)."""
+    """Saved in every checkpoint: the MLflow run it belongs to, where in the epoch training
+    stood, and the random number generators' states, so that a resumed run continues in the
+    same MLflow run with the next batch and the same dropout masks as an uninterrupted one
+    (the data order is seeded per epoch already)."""
 
     def __init__(self) -> None:
         self.run_id = ""  # set once the run exists
+        self._trainer: L.Trainer | None = None
+        self._batch_start_rng: Tensor | None = None  # set while a training batch runs
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # A checkpoint taken inside this batch (an interruption) redoes it from its start.
+        self._batch_start_rng = torch.get_rng_state()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batch_start_rng = None
 
     def state_dict(self) -> dict[str, Any]:
         _, keys, position, has_gauss, gauss = np.random.get_state()
         state = {
             "mlflow_run_id": self.run_id,
-            "torch": torch.get_rng_state(),
+            "batches_done": self._batches_done(),
+            "torch": self._batch_start_rng if self._batch_start_rng is not None
+            else torch.get_rng_state(),
             "python": random.getstate(),
             # as tensors and numbers: checkpoints are loaded with weights_only=True
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
@@ -60,6 +83,14 @@ class ResumeState(L.Callback):
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
+
+    def _batches_done(self) -> int:
+        """Training batches done in the current epoch; 0 once the epoch is complete."""
+        trainer = self._trainer
+        if trainer is None:
+            return 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return done if done < trainer.num_training_batches else 0
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.run_id = state_dict["mlflow_run_id"]
@@ -72,3 +103,62 @@ class ResumeState(L.Callback):
         )
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+        trainer = self._trainer
+        datamodule = trainer.datamodule if trainer is not None else None
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        if fitting and hasattr(datamodule, "resume_batch"):  # mid-epoch: on with the next batch
+            datamodule.resume_batch = state_dict.get("batches_done", 0)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if hasattr(trainer.datamodule, "resume_batch"):
+            trainer.datamodule.resume_batch = 0  # the resumed epoch is done
+
+
+class InterruptCheckpoint(OnExceptionCheckpoint):
+    """Stops training cleanly on Ctrl-C or SIGTERM (a Slurm preemption) and checkpoints the
+    state as it stands, for ``resume=``.
+
+    The first signal is handed to Lightning's own SIGTERM handling, which stops at the end
+    of the batch (all DDP ranks together), where the model, optimizer, progress counters
+    and random state agree; a stop inside a batch would save half of it. A second signal
+    stops at once. Errors are not checkpointed: a failed run is not worth resuming.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
+        super().__init__(dirpath, filename)
+        self.saved = False
+        self.received: int | None = None  # the signal that stopped training
+        self._trainer: L.Trainer | None = None
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trainer = trainer
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        connector = getattr(self._trainer, "_signal_connector", None)
+        if self.received is not None or connector is None:  # asked twice: stop now
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        self.received = signum
+        connector.received_sigterm = True  # Lightning raises SIGTERMException after the batch
+        print(f"\n{signal.Signals(signum).name}: stopping after this batch "
+              "(again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+        if self.received is not None:  # arrived in the last batch: a stop all the same
+            raise SIGTERMException()
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        self._restore()
+        if isinstance(exception, KeyboardInterrupt | SystemExit):  # SIGTERMException too
+            super().on_exception(trainer, pl_module, exception)
+            self.saved = True
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

@@ -52,7 +52,7 @@ class Classifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
-        if not torch.isfinite(loss):  # stop now: every later step would train on garbage
+        if self._non_finite(loss):  # stop now: every later step would train on garbage
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at step {self.global_step} (epoch "
                 f"{self.current_epoch}, batch {batch_idx}), learning rate {self._lr():.3g}; "
@@ -62,6 +62,13 @@ class Classifier(L.LightningModule):
         self.log("train/loss", loss, batch_size=len(labels))
         self.log("train/acc", self.train_acc, batch_size=len(labels))
         return loss
+
+    def _non_finite(self, loss: Tensor) -> bool:
+        """NaN or infinite here or, under DDP, on any rank: all ranks stop together."""
+        bad = not torch.isfinite(loss).item()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            return self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        return bad
 
     def _lr(self) -> float:
         optimizers = self.trainer.optimizers if self._trainer is not None else []

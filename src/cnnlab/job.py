@@ -15,10 +15,11 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from cnnlab import config, launch
-from cnnlab.callbacks import EpochSpeed, ResumeState
+from cnnlab.callbacks import EpochSpeed, InterruptCheckpoint, ResumeState
 from cnnlab.classifier import Classifier
 from cnnlab.data import ImageDataModule
 from cnnlab.models import InputSpec, Net, build_model
@@ -81,6 +82,9 @@ def prepare(cfg: DictConfig, devices: list[int] | None = None) -> Job:
         raise config.ConfigError(f"optimizer or scheduler settings refused: {error}") from error
     callbacks = [instantiate(callback) for callback in settings.callbacks.values()]
     callbacks += [EpochSpeed(), ResumeState()]
+    saving = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+    if saving:  # Ctrl-C and SIGTERM leave the current state beside the epoch checkpoints
+        callbacks.append(InterruptCheckpoint(saving[0].dirpath))
     trainer_args = {"default_root_dir": settings.paths.output_dir, **settings.trainer}
     if devices is not None:
         trainer_args["devices"] = devices

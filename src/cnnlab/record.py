@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from cnnlab import config, pictures, tracking
-from cnnlab.callbacks import ResumeState
+from cnnlab.callbacks import InterruptCheckpoint, ResumeState
 from cnnlab.job import Job, fit_and_test
 from cnnlab.models.summary import ModelReport, describe
 from cnnlab.resume import CHECKPOINT_TAG, process_tags
@@ -98,7 +98,11 @@ def record(
         )
         if not job.resume:
             record_setup(job, run)
-        best_val = fit_and_test(job)
+        try:
+            best_val = fit_and_test(job)
+        except BaseException:
+            record_interruption(job, run)
+            raise
         step = job.trainer.global_step
         run.log_metric("time/fit_s", job.fit_seconds, step=step)
         if not math.isnan(best_val):  # the checkpoint the test used: what a sweep compares
@@ -110,6 +114,13 @@ def record(
             log_pictures(job, run)
         report_result(job.trainer, run, experiment_id, best_val)
     return best_val
+
+
+def record_interruption(job: Job, run: tracking.TrackedRun) -> None:
+    """Point ``resume=`` at the state saved when training was interrupted, if it was."""
+    for callback in job.trainer.callbacks:
+        if isinstance(callback, InterruptCheckpoint) and callback.saved:
+            run.client.set_tag(run.run_id, CHECKPOINT_TAG, str(Path(callback.ckpt_path).resolve()))
 
 
 def record_setup(job: Job, run: tracking.TrackedRun) -> None:

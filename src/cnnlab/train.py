@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -20,12 +21,14 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import config, launch, tracking
+from cnnlab.callbacks import InterruptCheckpoint
 from cnnlab.classifier import NonFiniteLossError
 from cnnlab.cli import USER_ERRORS, fail, one_line, user_errors
 from cnnlab.job import Job, fit_and_test, prepare
@@ -38,6 +41,9 @@ log = logging.getLogger("cnnlab")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Batches come from tensors in memory; worker processes would only add copies.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# A run resumed mid-epoch goes on with the next batch: cnnlab's sampler takes the resume
+# point (callbacks.ResumeState), though Lightning cannot see that it does.
+warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch.*")
 # EpochSpeed logs rank 0's clock on purpose: a sum or mean over ranks would not be a time.
 warnings.filterwarnings("ignore", ".*log\\('time/.*sync_dist=True.*")
 
@@ -60,9 +66,9 @@ def run(cfg: DictConfig) -> float:
             )
         if job.settings.resume:
             job.resume = plan_resume(job, client)
-            checkpoint = job.trainer.checkpoint_callback
-            if checkpoint is not None:  # on where the interrupted run left its checkpoints
-                checkpoint.dirpath = str(job.resume.checkpoint.parent)
+            for callback in job.trainer.callbacks:  # on where the interrupted run left off
+                if isinstance(callback, ModelCheckpoint | InterruptCheckpoint):
+                    callback.dirpath = str(job.resume.checkpoint.parent)
     try:
         return fit_and_record(job, client, experiment_id)
     except NonFiniteLossError as error:  # recorded FAILED; the user gets one line
@@ -97,7 +103,8 @@ def fit_and_record(
     try:
         return record(job, client, experiment_id, sweep)
     except SIGTERMException as error:  # the run is KILLED; exit as a terminated process does
-        raise SystemExit(143) from error
+        stopper = [c for c in job.trainer.callbacks if isinstance(c, InterruptCheckpoint)]
+        raise SystemExit(128 + ((stopper and stopper[0].received) or signal.SIGTERM)) from error
 
 
 def sweep_context(seed: int) -> tracking.JobContext | None:

@@ -49,10 +49,12 @@ class EpochBatchSampler:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        start: int = 0,
     ) -> None:
+        """``start``: batches of the first epoch already trained (a run resumed mid-epoch)."""
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.epoch = 0
+        self.epoch, self.start = 0, start
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -78,7 +80,8 @@ class EpochBatchSampler:
         if padding:
             order = torch.cat([order, order[:padding]])
         shard = order[self.rank :: self.world_size]
-        for batch in range(len(self)):
+        start, self.start = self.start, 0
+        for batch in range(start, len(self)):
             yield shard[batch * self.batch_size : (batch + 1) * self.batch_size]
 
 
@@ -105,6 +108,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_size, self.split_seed, self.shuffle_seed = val_size, split_seed, shuffle_seed
         self.augment = AUGMENTATIONS[self.info.augmentation] if augment else None
         self.source_used: str | None = None
+        self.resume_batch = 0  # set by callbacks.ResumeState: the epoch goes on from here
         self.train_set: ImageSet | None = None
         self.val_set: ImageSet | None = None
         self.test_set: ImageSet | None = None
@@ -135,7 +139,9 @@ class ImageDataModule(L.LightningDataModule):
         self.test_set = splits.test
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        # Lightning may build it more than once per fit (to count steps first): each gets
+        # the resume point; callbacks.ResumeState clears it when that epoch ends.
+        return self._loader(self.train_set, self.batch_size, shuffle=True, start=self.resume_batch)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
@@ -143,7 +149,9 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
 
-    def _loader(self, data: ImageSet, batch_size: int, *, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, data: ImageSet, batch_size: int, *, shuffle: bool, start: int = 0
+    ) -> DataLoader:
         rank, world = 0, 1
         if self.trainer is not None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
@@ -154,9 +162,18 @@ class ImageDataModule(L.LightningDataModule):
             seed=self.shuffle_seed,
             rank=rank,
             world_size=world,
+            start=start,
         )
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return DataLoader(TensorBatches(data), batch_size=None, sampler=sampler, pin_memory=pin)
+        # Its own generator: a DataLoader draws a worker seed from the global one each time it
+        # is iterated, which would shift the dropout masks of a run resumed mid-epoch.
+        return DataLoader(
+            TensorBatches(data),
+            batch_size=None,
+            sampler=sampler,
+            pin_memory=pin,
+            generator=torch.Generator(),
+        )
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int):
         """Augment (training batches only) and normalize on the model's device."""
