@@ -80,8 +80,8 @@ class ResumeState(L.Callback):
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
                       "has_gauss": has_gauss, "gauss": gauss},
         }  # fmt: skip
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        if torch.cuda.is_initialized():  # this process's device (each rank drives one)
+            state["cuda"] = torch.cuda.get_rng_state()
         return state
 
     def _batches_done(self) -> int:
@@ -102,7 +102,7 @@ class ResumeState(L.Callback):
             ("MT19937", keys, numpy["position"], numpy["has_gauss"], numpy["gauss"])
         )
         if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
+            torch.cuda.set_rng_state(state_dict["cuda"])
         trainer = self._trainer
         datamodule = trainer.datamodule if trainer is not None else None
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING

@@ -15,6 +15,7 @@ import fcntl
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -124,13 +125,31 @@ def run_in_own_process(sweep_dir: str, output_dir: str, overrides: list[str]) ->
         sys.executable,
         "-m",
         "cnnlab.train",
+        f"--config-name={HydraConfig.get().job.config_name}",
         *overrides,
-        f"hydra.run.dir={output_dir}",
+        f'hydra.run.dir="{output_dir}"',  # quoted: job folders may hold '=' and ','
     ]
-    completed = subprocess.run(command, env=env, check=False)
-    if completed.returncode != 0:
-        raise subprocess.CalledProcessError(completed.returncode, command)
+    # Its own session: a Ctrl-C meant for the sweep reaches the job as a SIGTERM from here,
+    # which it answers by checkpointing and closing its run (KILLED), not by dying mid-step.
+    job = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        returncode = job.wait()
+    except BaseException:
+        stop(job)
+        raise
+    if returncode != 0:
+        raise RuntimeError(f"the job's own process exited with status {returncode}")
     return json.loads(result.read_text())["best_val"] if result.exists() else math.nan
+
+
+def stop(job: subprocess.Popen, grace_s: float = 60) -> None:
+    """SIGTERM to the job's process group, then SIGKILL if it is still there after grace_s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(job.pid, signal.SIGTERM)
+        try:
+            job.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
 
 
 def write_result(best_val: float) -> None:

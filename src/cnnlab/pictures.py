@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
-from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
+from matplotlib.figure import Figure  # not pyplot's figures: no global state to close
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 

@@ -83,8 +83,8 @@ def record(
     logged: dict[str, int] = {}
     if job.resume:  # the same run again, its params and artifacts as they are
         tags = {"cnnlab.resumed_from": str(job.resume.checkpoint), **process_tags()}
-        tracked = tracking.TrackedRun.reopen(client, job.resume.run_id, tags)
         logged = tracking.logged_steps(client, job.resume.run_id)
+        tracked = tracking.TrackedRun.reopen(client, job.resume.run_id, tags)
         experiment_id = job.resume.run.info.experiment_id
     else:
         base_name = sweep.run_name if sweep else settings.logger.run_name or run_name(settings)

@@ -59,7 +59,7 @@ def find_target(client: MlflowClient, target: str, *, check_status: bool = True)
             )
     if check_status:
         _check_status(client, run, target)
-    return Target(run, checkpoint)
+    return Target(run, checkpoint.resolve())  # ModelCheckpoint compares absolute paths
 
 
 def run_id_in(checkpoint: Path) -> str:

@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers.logger import DummyLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -131,7 +132,9 @@ def run_sweep_job(cfg: DictConfig, sweep: tracking.JobContext) -> float:
     """One job of a sweep: whatever fails is recorded as a FAILED child run, and the sweep
     goes on (NaN is its result) unless ``sweep.fail_fast``. The store and the experiment
     exist already (the sweep callback made them)."""
-    client = tracking.connect(cfg.logger.tracking_uri)
+    # Under Slurm every task of a job runs this; only the first talks to MLflow.
+    first_rank = rank_zero_only.rank == 0
+    client = tracking.connect(cfg.logger.tracking_uri) if first_rank else None
     fail_fast = bool(OmegaConf.select(cfg, "sweep.fail_fast", default=False))
     with placement(cfg) as devices:
         try:
@@ -142,7 +145,8 @@ def run_sweep_job(cfg: DictConfig, sweep: tracking.JobContext) -> float:
                 )
         except USER_ERRORS as error:
             print(f"cnnlab: error: {one_line(error)}", file=sys.stderr)
-            record_failure(client, sweep, error)
+            if client is not None:
+                record_failure(client, sweep, error)
             if fail_fast:
                 raise
             return math.nan

@@ -3,6 +3,7 @@ the best checkpoint, loaded with ``weights_only=True`` (no code runs from the fi
 
 from __future__ import annotations
 
+import re
 import tempfile
 
 import torch
@@ -14,6 +15,11 @@ from cnnlab.data.sources import DatasetInfo, dataset_info
 from cnnlab.models import InputSpec, ModelConfig, Net, build_model
 
 
+def _val_acc(path: str) -> float:
+    found = re.search(r"val_acc(\d+\.\d+)", path)
+    return float(found.group(1)) if found else -1.0
+
+
 def load_run_model(client: MlflowClient, run_id: str) -> tuple[Net, DatasetInfo]:
     """The network of ``run_id`` with its best checkpoint's weights, in eval mode on CPU."""
     with tempfile.TemporaryDirectory() as folder:
@@ -21,7 +27,9 @@ def load_run_model(client: MlflowClient, run_id: str) -> tuple[Net, DatasetInfo]
         checkpoints = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
         if not checkpoints:
             raise ConfigError(f"run {run_id} has no checkpoint artifact to load")
-        checkpoint_file = client.download_artifacts(run_id, checkpoints[0], folder)
+        # A resumed run may hold more than one: take the best (val_acc in the file name).
+        best = max(checkpoints, key=_val_acc)
+        checkpoint_file = client.download_artifacts(run_id, best, folder)
         cfg = OmegaConf.load(config_file)
         state = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
     schema = OmegaConf.structured(ModelConfig)

@@ -162,8 +162,11 @@ def html_page(
 METHOD = (
     "Method: only FINISHED runs are averaged (FAILED and RUNNING ones are counted). Mean ± "
     "sample standard deviation over seeds; 95% confidence interval of the mean from "
-    "Student's t-distribution. 'differs' compares each group with the reference by "
-    f"Welch's t-test (unequal variances), two-sided, at alpha = {stats.ALPHA}."
+    "Student's t-distribution. Groups are ranked, and the reference chosen, by validation "
+    "accuracy, so that picking the best never looks at the test set. 'differs' compares "
+    "each group with the reference by Welch's t-test (unequal variances), two-sided, at "
+    f"alpha = {stats.ALPHA}, not corrected for the number of comparisons. Marginal effects "
+    "average a factor's runs over the other factors' levels."
 )
 
 PAGE = """<!doctype html>

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import fcntl
 import importlib.metadata
+import os
 import re
 import signal
 import subprocess
 import threading
 import traceback
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+import requests
 from mlflow import MlflowClient
 from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
@@ -90,14 +90,17 @@ def connect(tracking_uri: str) -> MlflowClient:
 def check_reachable(tracking_uri: str, timeout_s: float = 10) -> None:
     """Fail at once on a tracking server that does not answer: MLflow's own client retries
     for minutes before it gives up. Any HTTP answer (even 404 from a proxy) will do."""
+    # requests as MLflow uses it: credentials in the URL, MLflow's TLS settings.
+    verify = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or (
+        os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() != "true"
+    )
     try:
-        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return
-    except (OSError, ValueError) as error:
+        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s, verify=verify)
+    except requests.RequestException as error:  # any HTTP answer, even 404, is an answer
+        reason = type(error).__name__
         raise ConfigError(
             f"logger.tracking_uri={redact_uri(tracking_uri)}: the tracking server does not "
-            f"answer ({getattr(error, 'reason', error)}); start it (make server) or fix the URI"
+            f"answer ({reason}); start it (make server) or fix the URI"
         ) from error
 
 

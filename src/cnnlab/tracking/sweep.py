@@ -185,9 +185,11 @@ class SweepCallback(Callback):
             "jobs.finished": str(finished),
             "jobs.failed": str(failed),
         }
-        done = jobs[jobs["status"] == "FINISHED"] if len(jobs) else jobs
-        if len(done) and "metrics.val/acc_best" in done:
-            means = done.groupby("tags.group")["metrics.val/acc_best"].agg(["mean", "count"])
+        score = "metrics.val/acc_best"
+        done = jobs[jobs["status"] == "FINISHED"] if score in jobs else jobs.iloc[:0]
+        scores = done.dropna(subset=[score])  # a finished run without it is not compared
+        if len(scores):
+            means = scores.groupby("tags.group")[score].agg(["mean", "count"])
             best = means["mean"].idxmax()
             summary |= {
                 "best.group": best,
