@@ -53,15 +53,20 @@ def parallel_jobs() -> int:
     n_jobs = hydra_cfg.launcher.get("n_jobs")
     if not n_jobs:
         return 1
-    cores = os.cpu_count() or 1
-    return cores if n_jobs < 0 else min(n_jobs, cores)
+    cores = usable_cores()
+    return max(1, cores + 1 + n_jobs) if n_jobs < 0 else min(n_jobs, cores)  # joblib's -1, -2...
 
 
 def share_cores(parallel: int) -> None:
     """Split the cores between parallel jobs: oversubscribed, two 2-thread jobs on 2 cores
     ran ~20x slower than one job alone on this project's CPU."""
     if parallel > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel))
+        torch.set_num_threads(max(1, usable_cores() // parallel))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a Slurm allocation or a container limits them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def wants_one_gpu(trainer_args: dict) -> bool:

@@ -177,9 +177,11 @@ def report_result(
     lines = [f"best validation accuracy: {best_val:.2%}"]
     if test_acc is not None:
         lines.insert(0, f"test accuracy: {float(test_acc):.2%}")
+    uri = run.client.tracking_uri
+    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else ""
+    where = f"{tracking.redact_uri(server)}" if server else "make ui, then http://127.0.0.1:5000"
     lines += [
         f"MLflow run: {run.run_id} ({run.run.info.run_name})",
-        "open it: make ui, then http://127.0.0.1:5000/#/experiments/"
-        f"{experiment_id}/runs/{run.run_id}",
+        f"open it: {where}/#/experiments/{experiment_id}/runs/{run.run_id}",
     ]
     print("\n".join(lines), flush=True)

@@ -63,6 +63,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
 def job_resources(trainer: DictConfig, defaults: dict[str, Any]) -> dict[str, Any]:
     """Slurm tasks (one per DDP process) and nodes for a job's Trainer settings."""
     devices = trainer.get("devices", "auto")
+    if isinstance(devices, str) and devices.strip().isdigit():  # "2" from the command line
+        devices = int(devices)
     if isinstance(devices, int) and devices > 0:
         tasks = devices
     elif OmegaConf.is_list(devices) or isinstance(devices, list):
