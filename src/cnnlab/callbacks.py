@@ -7,13 +7,13 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
@@ -114,7 +114,7 @@ class ResumeState(L.Callback):
             trainer.datamodule.resume_batch = 0  # the resumed epoch is done
 
 
-class InterruptCheckpoint(OnExceptionCheckpoint):
+class InterruptCheckpoint(L.Callback):
     """Stops training cleanly on Ctrl-C or SIGTERM (a Slurm preemption) and checkpoints the
     state as it stands, for ``resume=``.
 
@@ -127,7 +127,9 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
-        super().__init__(dirpath, filename)
+        # Not Lightning's OnExceptionCheckpoint: as a Checkpoint callback it changed how a
+        # later run in the same process and folder logged its training metrics (none).
+        self.dirpath, self.filename = dirpath, filename
         self.saved = False
         self.received: int | None = None  # the signal that stopped training
         self._trainer: L.Trainer | None = None
@@ -155,8 +157,12 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         self._restore()
         if isinstance(exception, KeyboardInterrupt | SystemExit):  # SIGTERMException too
-            super().on_exception(trainer, pl_module, exception)
+            trainer.save_checkpoint(self.ckpt_path)
             self.saved = True
+
+    @property
+    def ckpt_path(self) -> str:
+        return str(Path(self.dirpath) / f"{self.filename}.ckpt")
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
