@@ -127,8 +127,8 @@ class InterruptCheckpoint(L.Callback):
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
-        # Not Lightning's OnExceptionCheckpoint: as a Checkpoint callback it changed how a
-        # later run in the same process and folder logged its training metrics (none).
+        # Not Lightning's OnExceptionCheckpoint: with one present, fit(ckpt_path=None) turns
+        # into ckpt_path="last" and a new run silently resumes an old one from its folder.
         self.dirpath, self.filename = dirpath, filename
         self.saved = False
         self.received: int | None = None  # the signal that stopped training
