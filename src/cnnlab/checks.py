@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -36,3 +38,16 @@ def check_range(
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
         raise ConfigError(f"{setting}={value!r} is out of range; valid: {valid}")
+
+
+def check_writable(setting: str, folder: str | Path) -> None:
+    """Raise ConfigError unless ``folder`` exists or can be made, and takes a file."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"{setting}={folder} is not writable ({error.strerror}); "
+            "set paths.log_dir to a folder you can write"
+        ) from error

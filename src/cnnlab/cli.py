@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, NoReturn
 
 from hydra.errors import InstantiationException
@@ -16,7 +14,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
-from cnnlab.checks import ConfigError
+from cnnlab.checks import ConfigError, check_writable
 from cnnlab.data import DataError
 
 # Raised by the checks that run before training: bad settings (ConfigError, ShapeError among
@@ -65,15 +63,7 @@ class OutputFolderCheck(Callback):
 
     @staticmethod
     def _check(folder: str, key: str) -> None:
-        path = Path(folder)
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path):
-                pass
-        except OSError as error:
-            fail(
-                ConfigError(
-                    f"{key}={folder} is not writable ({error.strerror}); set paths.log_dir to "
-                    "a folder you can write"
-                )
-            )
+            check_writable(key, folder)
+        except ConfigError as error:
+            fail(error)

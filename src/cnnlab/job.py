@@ -6,10 +6,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,6 +18,7 @@ from omegaconf import DictConfig
 
 from cnnlab import config, launch
 from cnnlab.callbacks import EpochSpeed, InterruptCheckpoint, ResumeState
+from cnnlab.checks import check_writable
 from cnnlab.classifier import Classifier
 from cnnlab.data import ImageDataModule
 from cnnlab.models import InputSpec, Net, build_model
@@ -47,24 +46,11 @@ def check_trainer_args(args: dict[str, Any]) -> None:
         config.check_choice("trainer argument", name, valid)
 
 
-def check_writable(folder: Path) -> None:
-    """The run's output folder (checkpoints, logs) takes files, before any training."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise config.ConfigError(
-            f"paths.output_dir={folder} is not writable ({error.strerror}); "
-            "set paths.log_dir (or hydra.run.dir) to a folder you can write"
-        ) from error
-
-
 def prepare(cfg: DictConfig, devices: list[int] | None = None) -> Job:
     """Check the config and build data, model, optimizer and Trainer; nothing is recorded.
     ``devices``: the device ids the launcher gave this job, instead of ``trainer.devices``."""
     settings = config.to_settings(cfg)
-    check_writable(Path(settings.paths.output_dir))
+    check_writable("paths.output_dir", settings.paths.output_dir)  # checkpoints, logs
     check_trainer_args(settings.trainer)
     launch.share_cores(launch.parallel_jobs())
     L.seed_everything(settings.seed, workers=True, verbose=False)
