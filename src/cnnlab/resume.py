@@ -50,12 +50,12 @@ def find_target(client: MlflowClient, target: str, *, check_status: bool = True)
         raise ConfigError(f"resume={target}: no such checkpoint file")
     else:
         run = _get_run(client, target, target)
-        checkpoint = Path(run.data.tags.get(CHECKPOINT_TAG, ""))
-        if not run.data.tags.get(CHECKPOINT_TAG) or not checkpoint.is_file():
+        recorded = run.data.tags.get(CHECKPOINT_TAG)
+        checkpoint = Path(recorded or "")
+        if not recorded or not checkpoint.is_file():
             raise ConfigError(
                 f"resume={target}: run {target} has no checkpoint to resume from "
-                f"({checkpoint if run.data.tags.get(CHECKPOINT_TAG) else 'none recorded'}); "
-                "it stopped before its first epoch ended"
+                f"({recorded or 'none recorded'}); it stopped before its first epoch ended"
             )
     if check_status:
         _check_status(client, run, target)
