@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,14 @@ from mlflow import MlflowClient
 
 from cnnlab import train
 from cnnlab.checks import ConfigError
-from cnnlab.resume import CHECKPOINT_TAG, config_differences, find_target, run_id_in
+from cnnlab.resume import (
+    CHECKPOINT_TAG,
+    config_differences,
+    find_target,
+    requeued,
+    run_id_in,
+    slurm_restarted,
+)
 from tests.conftest import REPO, only_run
 
 
@@ -168,3 +176,44 @@ def test_interrupted_runs_resume_to_the_metrics_of_an_uninterrupted_one(tmp_path
         for key in ("train/loss", "val/acc", "val/loss", "test/acc"):
             assert history(client, run.info.run_id, key) == history(client, reference, key), key
     assert "cnnlab.died" in client.get_run(runs["killed"].info.run_id).data.tags
+
+
+def test_a_requeued_slurm_job_finds_its_run_and_newest_whole_checkpoint(
+    finished_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, run = finished_run
+    run_id, experiment_id = run.info.run_id, run.info.experiment_id
+    client.set_tag(run_id, "slurm.job_id", "4242")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert not slurm_restarted()  # a first start continues nothing
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert slurm_restarted()
+    assert requeued(client, experiment_id, []) is None  # it FINISHED: nothing to continue
+    client.set_terminated(run_id, "KILLED")
+    target = requeued(client, experiment_id, [])
+    assert target.run_id == run_id
+    assert target.checkpoint == Path(run.data.tags[CHECKPOINT_TAG])
+    # Lightning's requeue handler saved a newer state in the run's folder: that one wins,
+    # unless it was cut short (a SIGKILL while saving).
+    folder = Path(run.data.tags["hydra.output_dir"])
+    hpc = folder / "hpc_ckpt_1.ckpt"
+    shutil.copy(target.checkpoint, hpc)
+    os.utime(hpc, (time.time() + 5, time.time() + 5))
+    assert requeued(client, experiment_id, []).checkpoint == hpc
+    cut_short = folder / "hpc_ckpt_2.ckpt"
+    cut_short.write_bytes(hpc.read_bytes()[:1000])
+    os.utime(cut_short, (time.time() + 10, time.time() + 10))
+    assert requeued(client, experiment_id, []).checkpoint == hpc
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")  # another job's start
+    assert requeued(client, experiment_id, []) is None
+
+
+def test_a_run_left_running_on_another_host_is_refused_by_name(finished_run) -> None:
+    client, run = finished_run
+    run_id = run.info.run_id
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, "cnnlab.host", "elsewhere")
+    with pytest.raises(ConfigError, match=f"run {run_id} is RUNNING on host elsewhere; resume"):
+        find_target(client, run_id)
+    assert client.get_run(run_id).info.status == "RUNNING"  # untouched

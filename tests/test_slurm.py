@@ -3,12 +3,21 @@ submitit's local executor (hydra/launcher=submitit_local), the same path without
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Run
 
-from tests.conftest import run_sweep
+from cnnlab import train
+from cnnlab.checks import ConfigError
+from cnnlab.resume import find_target
+from tests.conftest import REPO, only_run, run_sweep
 from tests.slurm_cluster import SlurmCluster, Unavailable
 
 pytestmark = pytest.mark.slow
@@ -60,3 +69,116 @@ def test_submitit_local_runs_the_jobs_as_children_of_one_parent(tmp_path: Path) 
     assert {r.info.status for r in children} == {"FINISHED"}
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
     assert "LocalLauncher" in parent.data.tags["cnnlab.launcher"]
+
+
+def test_a_requeued_slurm_job_continues_its_run(slurm, tmp_path: Path) -> None:
+    """Lightning's auto-requeue as a cluster drives it: the requeue signal (USR1, what
+    ``--signal=USR1@90`` sends before a time limit) saves an HPC checkpoint and runs
+    ``scontrol requeue``; Slurm then stops the job (SIGTERM) and starts it again, and the
+    new start continues the same MLflow run from the newest checkpoint."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, **slurm, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "sweep"}
+    command = [sys.executable, "-m", "cnnlab.train", "-m", "hydra/launcher=slurm",
+               *REQUEUE_ARGS, f"paths.log_dir={tmp_path}/logs"]  # fmt: skip
+    sweep = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    client = MlflowClient(uri)
+    run = _wait_for_step(client, sweep, 50)  # the second epoch is under way
+    job_id = run.data.tags["slurm.job_id"]
+    subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True, timeout=30)
+    _start_when_requeued(job_id, env)
+    output, _ = sweep.communicate(timeout=400)
+    assert sweep.returncode == 0, output[-4000:]
+
+    runs = client.search_runs([run.info.experiment_id])
+    children = [r for r in runs if r.data.tags.get("cnnlab.role") != "sweep"]
+    assert [r.info.run_id for r in children] == [run.info.run_id]  # the same run, no new one
+    run = children[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["slurm.restart_count"] == "1"
+    folder = Path(run.data.tags["hydra.output_dir"])
+    assert (folder / "hpc_ckpt_1.ckpt").is_file()  # Lightning's requeue handler saved it
+    assert run.data.tags["cnnlab.resumed_from"].startswith(str(folder))
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(4, 120, 5))  # every step once: 3 epochs of 40, every 5th
+    assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 3
+
+
+REQUEUE_ARGS = [
+    "seed=7", "trainer.max_epochs=3", "trainer.limit_train_batches=40",
+    "trainer.limit_val_batches=4", "trainer.limit_test_batches=2",
+    "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false",
+    "logger.pictures=false", "logger.flush_every_s=0",
+]  # fmt: skip
+
+
+def _wait_for_step(client: MlflowClient, process: subprocess.Popen, step: int) -> Run:
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        experiment = client.get_experiment_by_name("sweep")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        for run in runs:
+            if run.data.tags.get("cnnlab.role") == "sweep":
+                continue
+            history = client.get_metric_history(run.info.run_id, "train/loss")
+            if max((m.step for m in history), default=-1) >= step:
+                return run
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"no run reached step {step}: {process.communicate()[0][-3000:]}")
+
+
+def _start_when_requeued(job_id: str, env: dict[str, str]) -> None:
+    """Slurm holds a requeued job back for a while (its begin time, a couple of minutes);
+    start it as soon as it is back in the queue, as an administrator would."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if _squeue_state(job_id, env) == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                           env=env, check=True, timeout=30)  # fmt: skip
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"Slurm job {job_id} was not requeued")
+
+
+def test_a_run_left_running_on_another_host_resumes_once_its_slurm_job_ended(
+    slurm, small_cfg, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    train.run(small_cfg([]))
+    client, run = only_run(tracking_uri)
+    run_id = run.info.run_id
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, "cnnlab.host", "node-elsewhere")
+    sleeper = _sbatch("sleep 60")
+    client.set_tag(run_id, "slurm.job_id", sleeper)
+    _wait_while(sleeper, "PENDING")
+    with pytest.raises(ConfigError, match=f"Slurm job {sleeper}, still running"):
+        find_target(client, run_id)
+    done = _sbatch("true")
+    client.set_tag(run_id, "slurm.job_id", done)
+    _wait_while(done, "PENDING", "RUNNING", "COMPLETING")
+    assert find_target(client, run_id).run_id == run_id
+    marked = client.get_run(run_id)
+    assert marked.info.status == "KILLED"
+    assert marked.data.tags["cnnlab.died"] == f"Slurm job {done} no longer running"
+    subprocess.run(["scancel", sleeper], check=False, timeout=30)
+
+
+def _sbatch(script: str) -> str:
+    submitted = subprocess.run(["sbatch", "--parsable", "--wrap", script], capture_output=True,
+                               text=True, check=True, timeout=30)  # fmt: skip
+    return submitted.stdout.strip()
+
+
+def _wait_while(job_id: str, *states: str) -> None:
+    deadline = time.monotonic() + 60
+    while _squeue_state(job_id) in states:
+        assert time.monotonic() < deadline, f"Slurm job {job_id} stays {states}"
+        time.sleep(0.5)
+
+
+def _squeue_state(job_id: str, env: dict[str, str] | None = None) -> str:
+    return subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format", "%T"], env=env,
+                          capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip

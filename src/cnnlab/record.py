@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -46,7 +45,6 @@ def run_tags(settings: config.TrainConfig) -> dict[str, str]:
         **process_tags(),
         **tracking.git_state(config.REPO_ROOT),
         **tracking.package_versions(),
-        **({"slurm.job_id": os.environ["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in os.environ else {}),
     }
 
 

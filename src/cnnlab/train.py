@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import config, launch, tracking
+from cnnlab import config, launch, resume, tracking
 from cnnlab.callbacks import InterruptCheckpoint
 from cnnlab.classifier import NonFiniteLossError
 from cnnlab.cli import USER_ERRORS, fail, one_line, user_errors
@@ -66,10 +66,9 @@ def run(cfg: DictConfig) -> float:
                 client, logger.experiment_name, logger.artifact_location
             )
         if job.settings.resume:
-            job.resume = plan_resume(job, client)
-            for callback in job.trainer.callbacks:  # on where the interrupted run left off
-                if isinstance(callback, ModelCheckpoint | InterruptCheckpoint):
-                    callback.dirpath = str(job.resume.checkpoint.parent)
+            continue_from(job, plan_resume(job, client))
+        else:
+            continue_from(job, requeued_target(job, client, experiment_id))
     try:
         return fit_and_record(job, client, experiment_id)
     except NonFiniteLossError as error:  # recorded FAILED; the user gets one line
@@ -89,6 +88,37 @@ def plan_resume(job: Job, client: MlflowClient | None) -> Target:
             + ". Resume with its settings, or start a new run"
         )
     return target
+
+
+def requeued_target(job: Job, client: MlflowClient | None, experiment_id: str) -> Target | None:
+    """In a Slurm job that Slurm has requeued: the run and checkpoint its earlier start
+    left, to continue (resume.requeued); None on a first start, outside Slurm, or when that
+    start left nothing to continue. DDP ranks other than 0 only read the store."""
+    if not resume.slurm_restarted():
+        return None
+    logger = job.settings.logger
+    client = client or tracking.connect(logger.tracking_uri)
+    if not experiment_id:
+        experiment = client.get_experiment_by_name(logger.experiment_name)
+        experiment_id = experiment.experiment_id if experiment else ""
+    target = resume.requeued(client, experiment_id, [str(job.trainer.default_root_dir)])
+    if target is not None and job.trainer.global_rank == 0:
+        log.info(
+            "Slurm job %s started again (restart %s): run %s continues from %s",
+            os.environ["SLURM_JOB_ID"], os.environ["SLURM_RESTART_COUNT"],
+            target.run_id, target.checkpoint,
+        )  # fmt: skip
+    return target
+
+
+def continue_from(job: Job, target: Target | None) -> None:
+    """Train ``job`` on from ``target``'s checkpoint, saving where the run left off."""
+    job.resume = target
+    if target is None:
+        return
+    for callback in job.trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint | InterruptCheckpoint):
+            callback.dirpath = str(target.checkpoint.parent)
 
 
 def fit_and_record(
@@ -143,6 +173,7 @@ def run_sweep_job(cfg: DictConfig, sweep: tracking.JobContext) -> float:
                 raise config.ConfigError(
                     f"resume={job.settings.resume} continues one run; not part of a sweep (-m)"
                 )
+            continue_from(job, requeued_target(job, client, sweep.experiment_id))
         except USER_ERRORS as error:
             print(f"cnnlab: error: {one_line(error)}", file=sys.stderr)
             if client is not None:
