@@ -98,6 +98,13 @@ def skip_cifar_checksums(monkeypatch: pytest.MonkeyPatch) -> None:
     cnnlab.data.sources.load_splits.cache_clear()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def perf_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The memory-format choices measured in the tests stay in the tests (and in the
+    commands they start)."""
+    os.environ["CNNLAB_CACHE"] = str(tmp_path_factory.mktemp("cnnlab-cache"))
+
+
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_mnist(tmp_path_factory.mktemp("mnist"))

@@ -25,6 +25,7 @@ CASES = [
     ("model.pooling=lp model.pooling_p=0", "model.pooling_p=0.0 is out of range; valid: [1, inf)"),
     ("logger.flush_every_s=-1", "logger.flush_every_s=-1.0 is out of range; valid: [0, inf)"),
     ("trainer.max_epochs=-5", "trainer settings refused: "),
+    ("label_smoothing=1", "label_smoothing=1.0 is out of range; valid: [0, 1)"),
     ("scheduler.pct_start=2", "optimizer or scheduler settings refused: "),
     # unknown names in every registry
     ("model.name=resnet", "unknown backbone 'resnet'; valid: alexnet_small, cnn, lenet5"),
@@ -39,6 +40,8 @@ CASES = [
     ("+optimizer.momentum=0.9", "optimizer or scheduler settings refused: "),
     ("optimizer._target_=torch.optim.Adamx", "Error locating target 'torch.optim.Adamx'"),
     ("callbacks.model_checkpoint.mode=maxx", "mode"),
+    ("perf.compile_mode=fastest", "unknown perf.compile_mode 'fastest'; valid: default, max-"),
+    ("perf.matmul_precision=low", "unknown perf.matmul_precision 'low'; valid: high, highest"),
     # shapes that collapse or are not exact
     ("model.channels=[6,16,32]", "stage3.conv1: input 4, F=5, P=0, S=1"),
     ("model.stride=2", "gives O = (28 + 2*0 - 5) / 2 + 1 = 12.5, not an integer"),
@@ -118,6 +121,11 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(
         ("hydra/launcher=nope", "Could not find 'hydra/launcher/nope'", 1),
         ("model.dropot=0.3", "Key 'dropot' not in 'ModelConfig'", 1),
         ("data.source=foo", "Invalid value 'foo', expected one of [auto, torchvision, bundled]", 1),
+        (
+            "perf.memory_format=nhwc",
+            "Invalid value 'nhwc', expected one of [auto, channels_last, contiguous]",
+            1,
+        ),
         ("paths.log_dir=/proc/cnnlab", "is not writable (No such file or directory)", 2),
     ],
 )

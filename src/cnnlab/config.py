@@ -71,6 +71,34 @@ class LoggerConfig:
         check_range("logger.flush_every_s", self.flush_every_s, low=0)
 
 
+class MemoryFormat(enum.Enum):
+    """Of the model's weights and batches; ``auto`` measures which is faster (cnnlab.perf)."""
+
+    auto = "auto"
+    channels_last = "channels_last"
+    contiguous = "contiguous"
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+@dataclass
+class PerfConfig:
+    """Speed settings that change no result beyond floating-point rounding (cnnlab.perf)."""
+
+    memory_format: MemoryFormat = MemoryFormat.auto
+    # torch.compile the model: pays after a warm-up of 10-20 s on CPU for convolution-heavy
+    # nets (the CIFAR cnn: 1.6x); slows down a net as small as LeNet-5. See the README.
+    compile: bool = False
+    compile_mode: str = "default"
+    matmul_precision: str = "high"  # float32 matmuls on a GPU (TF32 with "high")
+
+    def __post_init__(self) -> None:
+        check_choice("perf.compile_mode", self.compile_mode, COMPILE_MODES)
+        check_choice("perf.matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
+
+
 @dataclass
 class SweepConfig:
     # Stop the sweep at the first failed job; by default it is recorded FAILED and the
@@ -99,15 +127,18 @@ class TrainConfig:
     callbacks: dict[str, Any] = field(default_factory=dict)
     paths: PathsConfig = field(default_factory=PathsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     seed: int = 0
     task_name: str = "train"
     test: bool = True  # evaluate the best checkpoint on the test set after fitting
+    label_smoothing: float = 0.0  # of the training loss (validation and test losses: none)
     resume: str | None = None  # an interrupted run's id or checkpoint: continue that run
 
     def __post_init__(self) -> None:
         if "lr" not in self.optimizer:
             raise ConfigError("optimizer.lr is missing; set a learning rate > 0")
         check_range("optimizer.lr", self.optimizer["lr"], low=0, low_open=True)
+        check_range("label_smoothing", self.label_smoothing, low=0, high=1)
 
 
 __all__ = [

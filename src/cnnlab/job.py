@@ -22,6 +22,7 @@ from cnnlab.checks import check_writable
 from cnnlab.classifier import Classifier
 from cnnlab.data import ImageDataModule
 from cnnlab.models import InputSpec, Net, build_model
+from cnnlab.perf import FastPath
 from cnnlab.resume import Target
 
 
@@ -61,13 +62,20 @@ def prepare(cfg: DictConfig, devices: list[int] | None = None) -> Job:
     spec = InputSpec(info.channels, info.size, info.classes)
     net = build_model(settings.model, spec)
     scheduler = instantiate(settings.scheduler) if settings.scheduler else None
-    module = Classifier(net, info.classes, instantiate(settings.optimizer), scheduler)
+    module = Classifier(
+        net, info.classes, instantiate(settings.optimizer), scheduler, settings.label_smoothing
+    )
     try:  # complete the partials once now, so that a bad argument fails before the run
         module.optimization(total_steps=1)
     except (TypeError, ValueError) as error:
         raise config.ConfigError(f"optimizer or scheduler settings refused: {error}") from error
     callbacks = [instantiate(callback) for callback in settings.callbacks.values()]
-    callbacks += [EpochSpeed(), ResumeState()]
+    perf = settings.perf
+    callbacks += [
+        EpochSpeed(),
+        ResumeState(),
+        FastPath(perf.memory_format.value, perf.compile, perf.compile_mode, perf.matmul_precision),
+    ]
     saving = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
     if saving:  # Ctrl-C and SIGTERM leave the current state beside the epoch checkpoints
         callbacks.append(InterruptCheckpoint(saving[0].dirpath))
