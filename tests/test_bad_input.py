@@ -28,7 +28,7 @@ CASES = [
     ("label_smoothing=1", "label_smoothing=1.0 is out of range; valid: [0, 1)"),
     ("scheduler.pct_start=2", "optimizer or scheduler settings refused: "),
     # unknown names in every registry
-    ("model.name=resnet", "unknown backbone 'resnet'; valid: alexnet_small, cnn, lenet5"),
+    ("model.name=resnet", "unknown backbone 'resnet'; valid: alexnet_small, cnn, lenet5, speedrun"),
     ("model.pooling=maxx", "unknown pooling 'maxx'; valid: avg, gem, lp, max, mixed, none"),
     ("model.head=mlp", "unknown head 'mlp'; valid: fc, gap, nin"),
     ("model.activation=foo", "unknown activation 'foo'; valid: elu, gelu, leaky_relu, mish"),

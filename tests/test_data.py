@@ -6,6 +6,7 @@ import logging
 import pickle
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -300,3 +301,23 @@ def test_augmentation_changes_training_batches_only(tmp_path: Path, skip_cifar_c
     datamodule.trainer.training = True
     first, second = (datamodule.on_after_batch_transfer(batch, 0)[0] for _ in range(2))
     assert not torch.equal(first, second)
+
+
+def test_on_an_accelerator_the_dataset_is_copied_there_once(mnist_root: Path) -> None:
+    """The GPU path's data side, on PyTorch's "meta" device (shapes without storage): the
+    whole split moves once, batches are gathered there, nothing is pinned."""
+    datamodule = ImageDataModule(root=str(mnist_root), source="torchvision", batch_size=32)
+    datamodule.setup("fit")
+    meta = torch.device("meta")
+    datamodule.trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=meta), global_rank=0, world_size=1
+    )
+    loader = datamodule.train_dataloader()
+    images, labels = next(iter(loader))
+    assert images.device == meta and labels.device == meta
+    assert images.shape == (32, 1, 28, 28) and images.dtype == torch.uint8
+    assert not loader.pin_memory
+    datamodule.train_dataloader()
+    assert len(datamodule._on_device) == 1  # copied once, not per loader
+    datamodule.resident = False
+    assert datamodule.train_dataloader().pin_memory  # copied per batch, from pinned memory

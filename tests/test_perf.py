@@ -9,9 +9,11 @@ import pytest
 import torch
 from lightning.pytorch.loggers.logger import DummyLogger
 
-from cnnlab import perf
+from cnnlab import perf, train
+from cnnlab.checks import ConfigError
 from cnnlab.job import fit_and_test, prepare
 from cnnlab.models import InputSpec, build_model
+from tests.conftest import compose_train, only_run, write_cifar
 
 
 def fit(job) -> float:
@@ -85,3 +87,35 @@ def test_a_compiled_model_trains_and_saves_plain_state(small_cfg) -> None:
     assert job.net._compiled_call_impl is not None
     state = torch.load(job.trainer.checkpoint_callback.last_model_path, weights_only=True)
     assert not [k for k in state["state_dict"] if "_orig_mod" in k]
+
+
+def test_trainer_gpu_asks_for_bf16_on_one_gpu(small_cfg) -> None:
+    trainer = small_cfg(["trainer=gpu"]).trainer
+    assert (trainer.accelerator, trainer.devices) == ("gpu", 1)
+    assert (trainer.precision, trainer.benchmark) == ("bf16-mixed", True)
+    if not torch.cuda.is_available():  # here: refused in one line, before any run
+        with pytest.raises(ConfigError, match="refused: No supported gpu backend"):
+            prepare(small_cfg(["trainer=gpu"]))
+
+
+def test_the_speedrun_experiment_runs_its_whole_path_at_tiny_size_on_cpu(
+    tmp_path, tracking_uri: str, skip_cifar_checksums
+) -> None:
+    """experiment=speedrun as on a GPU (bf16 autocast, the speedrun net, SGD + one-cycle,
+    label smoothing, crop/flip augmentation, a measured memory format), on the CPU."""
+    root = write_cifar(tmp_path / "data", train=1000, test=100)
+    cfg = compose_train(
+        ["experiment=speedrun", "trainer.accelerator=cpu", "trainer.benchmark=false",
+         "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+         "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false",
+         "data.batch_size=16", "data.eval_batch_size=32", "data.val_size=100",
+         f"data.root={root}", f"paths.log_dir={tmp_path}/logs", f"paths.root_dir={tmp_path}"],
+        tmp_path / "run",
+    )  # fmt: skip
+    train.run(cfg)
+    _, run = only_run(tracking_uri)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert (params["model/name"], params["trainer/precision"]) == ("speedrun", "bf16-mixed")
+    assert (params["label_smoothing"], params["data/augment"]) == ("0.2", "True")
+    assert params["optimizer/nesterov"] == "True"

@@ -48,6 +48,9 @@ class DataConfig:
     # Per-batch augmentation on the model's device (training batches only): random crop with
     # 4 px padding and horizontal flip for CIFAR, small random affine for MNIST.
     augment: bool = False
+    # On a GPU: the whole dataset (uint8) lives there and batches are gathered there;
+    # false: each batch is copied from pinned host memory. No effect on the CPU.
+    resident: bool = True
 
     def __post_init__(self) -> None:
         check_range("data.batch_size", self.batch_size, low=0, low_open=True)

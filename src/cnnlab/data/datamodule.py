@@ -99,9 +99,14 @@ class ImageDataModule(L.LightningDataModule):
         val_size: float = 0.1,
         split_seed: int = 0,
         augment: bool = False,
+        resident: bool = True,
         shuffle_seed: int = 0,
     ) -> None:
+        """``resident``: on a GPU, the whole (uint8) dataset is copied there once and batches
+        are gathered there; otherwise each batch is copied from pinned host memory."""
         super().__init__()
+        self.resident = resident
+        self._on_device: dict[tuple[int, str], ImageSet] = {}
         self.info = dataset_info(name)
         self.name, self.root, self.source, self.download = name, root, source, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -164,16 +169,26 @@ class ImageDataModule(L.LightningDataModule):
             world_size=world,
             start=start,
         )
-        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        accelerated = device is not None and device.type != "cpu"
+        if accelerated and self.resident:
+            data = self._resident(data, device)
         # Its own generator: a DataLoader draws a worker seed from the global one each time it
         # is iterated, which would shift the dropout masks of a run resumed mid-epoch.
         return DataLoader(
             TensorBatches(data),
             batch_size=None,
             sampler=sampler,
-            pin_memory=pin,
+            pin_memory=accelerated and not self.resident,
             generator=torch.Generator(),
         )
+
+    def _resident(self, data: ImageSet, device: torch.device) -> ImageSet:
+        """``data`` on ``device``, copied once (MNIST: 47 MB, CIFAR-10: 150 MB as uint8)."""
+        key = (id(data), str(device))
+        if key not in self._on_device:
+            self._on_device[key] = ImageSet(data.images.to(device), data.labels.to(device))
+        return self._on_device[key]
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int):
         """Augment (training batches only) and normalize on the model's device."""

@@ -107,6 +107,22 @@ PRESETS: dict[str, Preset] = {
             fc_hidden=[128],
         ),
     ),
+    # A small, fast CIFAR-10 net in the style of the public speed records (Keller Jordan's
+    # airbench: three stages of two 3x3 convs with batchnorm and GELU, widths 64-256-256,
+    # each stage max-pooled). For `experiment=speedrun`; GAP and one linear layer on top.
+    "speedrun": Preset(
+        stage_plan,
+        dict(
+            channels=[64, 256, 256],
+            kernel_size=3,
+            padding=1,
+            convs_per_stage=2,
+            batchnorm=True,
+            activation="gelu",
+            head="gap",
+            fc_hidden=[],
+        ),
+    ),
 }
 
 
