@@ -14,10 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torchvision
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from mlflow import MlflowClient
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 import cnnlab.data.sources
 from cnnlab import config
@@ -129,16 +127,7 @@ def only_run(tracking_uri: str):
 
 def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose conf/train.yaml as ``python -m cnnlab.train`` would, with Hydra's runtime set."""
-    config.register_configs()
-    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.name = "train"
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return config.compose(overrides, output_dir)
 
 
 @pytest.fixture

@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.checks import ConfigError, check_choice, check_range
@@ -183,3 +186,19 @@ def to_settings(cfg: DictConfig) -> TrainConfig:
         raise ConfigError(str(err).splitlines()[0]) from err
     assert isinstance(settings, TrainConfig)
     return settings
+
+
+def compose(overrides: list[str], output_dir: str | Path) -> DictConfig:
+    """``conf/train.yaml`` with ``overrides`` composed as ``python -m cnnlab.train`` would,
+    with Hydra's runtime set (output folder ``output_dir``): for :func:`cnnlab.train.run`
+    from Python (notebooks, benchmarks, tests)."""
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.name = "train"
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
