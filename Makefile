@@ -17,7 +17,7 @@ SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5001
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep report summary test test-all lint format ui server bench bench-data clean
+.PHONY: help install train sweep report summary test test-all lint format ui server bench bench-data bench-train clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -69,7 +69,10 @@ server: install ## MLflow tracking server for parallel and remote jobs (127.0.0.
 bench-data: install ## Data path vs the classic torchvision pipeline (bench/results/data.json)
 	$(PY) -m bench.bench_data $(ARGS)
 
-bench: bench-data ## Every benchmark, printed as ratios and saved under bench/results/
+bench-train: install ## cnnlab.train vs hand-written loops, MLflow, sweep and time-to-accuracy costs (bench/results/train.json)
+	$(PY) -m bench.bench_train $(ARGS)
+
+bench: bench-data bench-train ## Every benchmark, printed as ratios and saved under bench/results/
 
 clean: ## Remove outputs and caches (keeps .venv, data and the MLflow store)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

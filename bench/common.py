@@ -60,13 +60,14 @@ def save(name: str, rows: list[dict], settings: dict) -> Path:
 
 
 def print_table(title: str, rows: list[dict]) -> None:
+    """One line per comparison; ``ratio`` is cnnlab's advantage (higher is better) and
+    ``unit`` says what baseline and cnnlab are measured in (images/s unless given)."""
     print(f"\n{title}")
-    print(
-        f"{'comparison':<44}{'baseline img/s':>16}{'cnnlab img/s':>16}{'ratio':>9}{'target':>9}  ok"
-    )
+    header = f"{'baseline':>12}{'cnnlab':>12}{'unit':>7}{'ratio':>8}{'target':>8}  ok"
+    print(f"{'comparison':<52}{header}")
     for row in rows:
         ok = "yes" if row["ratio"] >= row["target"] else "NO"
         print(
-            f"{row['name']:<44}{row['baseline']:>16,.0f}{row['cnnlab']:>16,.0f}"
-            f"{row['ratio']:>8.1f}x{row['target']:>8.1f}x  {ok}"
+            f"{row['name']:<52}{row['baseline']:>12,.2f}{row['cnnlab']:>12,.2f}"
+            f"{row.get('unit', 'img/s'):>7}{row['ratio']:>7.2f}x{row['target']:>7.2f}x  {ok}"
         )

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig
 
 from cnnlab import config, launch
@@ -70,6 +70,8 @@ def prepare(cfg: DictConfig, devices: list[int] | None = None) -> Job:
     except (TypeError, ValueError) as error:
         raise config.ConfigError(f"optimizer or scheduler settings refused: {error}") from error
     callbacks = [instantiate(callback) for callback in settings.callbacks.values()]
+    if not settings.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     perf = settings.perf
     callbacks += [
         EpochSpeed(),
