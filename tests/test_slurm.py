@@ -167,8 +167,9 @@ def test_a_run_left_running_on_another_host_resumes_once_its_slurm_job_ended(
 
 
 def _sbatch(script: str) -> str:
-    submitted = subprocess.run(["sbatch", "--parsable", "--wrap", script], capture_output=True,
-                               text=True, check=True, timeout=30)  # fmt: skip
+    # --output: sbatch would leave slurm-<id>.out in the working folder (the checkout)
+    submitted = subprocess.run(["sbatch", "--parsable", "--output=/dev/null", "--wrap", script],
+                               capture_output=True, text=True, check=True, timeout=30)  # fmt: skip
     return submitted.stdout.strip()
 
 

@@ -3,7 +3,7 @@
 Which memory format is faster depends on the model and the machine: on this project's
 2-core CPU channels_last made LeNet-5 without batchnorm 1.8x faster, with batchnorm 0.75x
 (PyTorch's CPU batchnorm is slow in channels_last), and the CIFAR ``cnn`` 1.3x faster. So
-``perf.channels_last=auto`` measures it, the way ``cudnn.benchmark`` picks convolution
+``perf.memory_format=auto`` measures it, the way ``cudnn.benchmark`` picks convolution
 algorithms: a few forward/backward passes of a copy of the model in each format, the faster
 kept and remembered for that model, input shape and machine (in this process and in
 ``~/.cache/cnnlab/perf.json``). On a GPU channels_last is taken without measuring (tensor
