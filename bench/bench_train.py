@@ -43,9 +43,9 @@ from torchvision import transforms
 
 import cnnlab.data.sources
 from bench.bench_data import CIFAR_MEAN, CIFAR_STD, MNIST_MEAN, MNIST_STD, write_cifar, write_mnist
-from bench.common import print_table, save
+from bench.common import print_table, save, side_by_side
 from cnnlab import config, perf, tracking
-from cnnlab.data.sources import load_splits
+from cnnlab.data import ImageDataModule
 from cnnlab.job import Job, fit_and_test, prepare
 from cnnlab.models import InputSpec, build_model
 from cnnlab.record import record
@@ -154,43 +154,55 @@ def quiet() -> Iterator[None]:
         yield
 
 
-def plain_loop(bench: Bench, settings: list[str], batch_size: int = BATCH) -> Measurement:
+def plain_loop(bench: Bench, settings: list[str]) -> Measurement:
     """The same model, data path (uint8 tensors, batch gathers, normalization and
     augmentation per batch), optimizer, schedule and memory format as cnnlab, in a loop
     written by hand: no Lightning, no Hydra at run time, no MLflow, no metrics."""
 
     def run() -> tuple[int, float]:
         job = prepare(bench.compose(settings))  # builds data and model exactly as cnnlab does
-        data, net, cfg = job.datamodule, job.net, job.settings
+        data = job.datamodule
         images = data.normalize(data.train_set.images[: perf.PROBE_BATCH])
-        memory_format = perf.MEMORY_FORMATS[perf.faster_format(net, images, torch.device("cpu"))]
-        net.to(memory_format=memory_format)
-        batches, val_batches = batch_counts(job)
-        steps = EPOCHS * batches
-        optimizer = instantiate(cfg.optimizer)(params=net.parameters())
-        scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps)
-        loss_fn = nn.CrossEntropyLoss()
+        chosen = perf.faster_format(job.net, images, torch.device("cpu"))
+        memory_format = perf.MEMORY_FORMATS[chosen]
+        job.net.to(memory_format=memory_format)
 
-        def prepared(loaded):
-            x, y = loaded
-            x = x.float()
-            if data.augment is not None and net.training:
-                x = data.augment(x)
-            return data.normalize(x).contiguous(memory_format=memory_format), y
+        def prepared(batches, augment: bool):
+            for x, y in batches:
+                x = x.float()
+                if augment and data.augment is not None:
+                    x = data.augment(x)
+                yield data.normalize(x).contiguous(memory_format=memory_format), y
 
-        start = time.perf_counter()
-        for _ in range(EPOCHS):
-            net.train()
-            for loaded in itertools.islice(data.train_dataloader(), batches):
-                x, y = prepared(loaded)
-                optimizer.zero_grad(set_to_none=True)
-                loss_fn(net(x), y).backward()
-                optimizer.step()
-                scheduler.step()
-            evaluate(net, map(prepared, data.val_dataloader()), val_batches)
-        return steps * batch_size, time.perf_counter() - start
+        return fit_by_hand(
+            job,
+            lambda: prepared(data.train_dataloader(), augment=True),
+            lambda: prepared(data.val_dataloader(), augment=False),
+        )
 
     return run
+
+
+def fit_by_hand(job: Job, train_epoch, val_epoch) -> tuple[int, float]:
+    """EPOCHS epochs of ``job``'s model under its optimizer and schedule, written by hand:
+    ``train_epoch()``/``val_epoch()`` give one epoch of batches as the model reads them.
+    Returns the images trained and the seconds taken."""
+    net, cfg = job.net, job.settings
+    batches, val_batches = batch_counts(job)
+    steps = EPOCHS * batches
+    optimizer = instantiate(cfg.optimizer)(params=net.parameters())
+    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps)
+    loss_fn = nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    for _ in range(EPOCHS):
+        net.train()
+        for x, y in itertools.islice(train_epoch(), batches):
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(net(x), y).backward()
+            optimizer.step()
+            scheduler.step()
+        evaluate(net, val_epoch(), val_batches)
+    return steps * job.datamodule.batch_size, time.perf_counter() - start
 
 
 def batch_counts(job: Job) -> tuple[int, int]:
@@ -222,38 +234,12 @@ def classic_loop(bench: Bench, settings: list[str], model: dict, workers: int) -
 
     def run() -> tuple[int, float]:
         job = prepare(bench.compose(settings))
-        net, cfg = job.net, job.settings
-        batches, val_batches = batch_counts(job)
-        steps = EPOCHS * batches
-        optimizer = instantiate(cfg.optimizer)(params=net.parameters())
-        scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps)
-        loss_fn = nn.CrossEntropyLoss()
-        start = time.perf_counter()
+        eval_batch = job.settings.data.eval_batch_size
         train = DataLoader(train_set, BATCH, shuffle=True, num_workers=workers, drop_last=True)
-        val = DataLoader(test_set, cfg.data.eval_batch_size, num_workers=workers)
-        for _ in range(EPOCHS):
-            net.train()
-            for x, y in itertools.islice(train, batches):
-                optimizer.zero_grad(set_to_none=True)
-                loss_fn(net(x), y).backward()
-                optimizer.step()
-                scheduler.step()
-            evaluate(net, iter(val), val_batches)
-        return steps * BATCH, time.perf_counter() - start
+        val = DataLoader(test_set, eval_batch, num_workers=workers)
+        return fit_by_hand(job, lambda: iter(train), lambda: iter(val))
 
     return run
-
-
-def side_by_side(candidates: dict[str, Measurement], repeats: int) -> dict[str, float]:
-    """Median images/s of each candidate, in alternation after one warm-up each."""
-    for run in candidates.values():
-        run()
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, run in candidates.items():
-            images, seconds = run()
-            samples[name].append(images / seconds)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def row(name: str, baseline: float, cnnlab: float, target: float, unit: str = "img/s", **extra):
@@ -350,7 +336,7 @@ class DigitImages(Dataset):
         return self.transform(image), int(self.labels[index])
 
 
-def cnnlab_to_accuracy(bench: Bench, seed: int, *overrides: str) -> tuple[float, int]:
+def cnnlab_to_accuracy(bench: Bench, seed: int) -> tuple[float, int]:
     """Wall time of ``cnnlab.train``'s default LeNet-5 recipe until validation accuracy
     first reaches TARGET_ACC (Lightning's EarlyStopping with a stopping threshold)."""
     stop = "+callbacks.reach_target"
@@ -358,7 +344,7 @@ def cnnlab_to_accuracy(bench: Bench, seed: int, *overrides: str) -> tuple[float,
         "data.source=bundled", f"seed={seed}", "test=false",
         "logger.pictures=false", f"{stop}._target_=lightning.pytorch.callbacks.EarlyStopping",
         f"{stop}.monitor=val/acc", f"{stop}.mode=max", f"{stop}.stopping_threshold={TARGET_ACC}",
-        f"{stop}.patience=1000", *overrides,
+        f"{stop}.patience=1000",
     ])  # fmt: skip
     start = time.perf_counter()
     job = prepare(cfg)
@@ -372,14 +358,12 @@ def classic_to_accuracy(seed: int, max_epochs: int = 40) -> tuple[float, int]:
     """The classic recipe (batch 64, Adam at 1e-3, per-sample ToTensor + Normalize in a
     DataLoader) on the same training and validation images, evaluated every epoch."""
     torch.manual_seed(seed)
-    splits = load_splits("mnist", "", "bundled", False)
-    order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))
-    val_count = round(0.1 * len(splits.train))  # cnnlab's data.val_size=0.1, split seed 0
+    split = ImageDataModule(name="mnist", source="bundled", download=False)  # cnnlab's split
+    split.setup("fit")
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MNIST_MEAN, MNIST_STD)])
-    images, labels = splits.train.images, splits.train.labels
-    val_index, train_index = order[:val_count], order[val_count:]
-    train = DataLoader(DigitImages(images[train_index], labels[train_index], tf), 64, shuffle=True)
-    val = DataLoader(DigitImages(images[val_index], labels[val_index], tf), 1000)
+    train_set, val_set = split.train_set, split.val_set
+    train = DataLoader(DigitImages(train_set.images, train_set.labels, tf), 64, shuffle=True)
+    val = DataLoader(DigitImages(val_set.images, val_set.labels, tf), 1000)
     start = time.perf_counter()
     net = build_model("lenet5", InputSpec(1, 28, 10))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -423,7 +407,7 @@ def cpu_settings(bench: Bench) -> list[dict]:
             kept = [o for o in settings if not o.startswith(("data.batch_size", "trainer.limit"))]
             sized = [*kept, f"data.batch_size={batch}", "trainer.limit_train_batches=40",
                      "trainer.limit_val_batches=1"]  # fmt: skip
-            speeds = side_by_side({"plain": plain_loop(bench, sized, batch)}, 1)
+            speeds = side_by_side({"plain": plain_loop(bench, sized)}, 1)
             rows.append({"threads": threads, "batch": batch, "images_per_s": speeds["plain"]})
     torch.set_num_threads(default_threads)
     for title, model in MODELS.items():
