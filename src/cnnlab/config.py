@@ -94,8 +94,8 @@ class PerfConfig:
     """Speed settings that change no result beyond floating-point rounding (cnnlab.perf)."""
 
     memory_format: MemoryFormat = MemoryFormat.auto
-    # torch.compile the model: measured on this project's 2-core CPU, LeNet-5 0.86x and the
-    # CIFAR cnn 1.02-1.05x after a ~15 s first compile (make bench); see the README.
+    # torch.compile the model: measured on this project's 2-core CPU, LeNet-5 0.86-0.90x and
+    # the CIFAR cnn 1.02-1.10x after a ~15 s first compile (make bench); see the README.
     compile: bool = False
     compile_mode: str = "default"
     matmul_precision: str = "high"  # float32 matmuls on a GPU (TF32 with "high")
