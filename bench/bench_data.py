@@ -25,6 +25,7 @@ from torchvision import transforms
 
 from bench.common import print_table, save, side_by_side
 from cnnlab.data import ImageDataModule
+from cnnlab.data.config import DataConfig
 from cnnlab.models import InputSpec, build_model
 
 BATCH = 256
@@ -91,13 +92,15 @@ def classic_batches(loader: DataLoader):
 
 def cnnlab_batches(name: str, root: Path, augment: bool):
     datamodule = ImageDataModule(
-        name=name,
-        root=str(root),
-        source="torchvision",
-        download=False,
-        batch_size=BATCH,
-        val_size=0.1,
-        augment=augment,
+        DataConfig(
+            name=name,
+            root=str(root),
+            source="torchvision",
+            download=False,
+            batch_size=BATCH,
+            val_size=0.1,
+            augment=augment,
+        )
     )
     datamodule.setup("fit")
     # The hook augments only while a Trainer is training: give it one, on the CPU.

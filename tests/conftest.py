@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig
 
 import cnnlab.data.sources
-from cnnlab import config
+from cnnlab import compose, config
 
 REPO = config.REPO_ROOT
 FIXTURE_TRAIN, FIXTURE_TEST = 600, 200
@@ -127,7 +127,7 @@ def only_run(tracking_uri: str):
 
 def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose conf/train.yaml as ``python -m cnnlab.train`` would, with Hydra's runtime set."""
-    return config.compose(overrides, output_dir)
+    return compose.compose(overrides, output_dir)
 
 
 @pytest.fixture

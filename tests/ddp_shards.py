@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cnnlab.data import ImageDataModule
+from cnnlab.data.config import DataConfig
 
 MEAN, STD = 0.1307, 0.3081  # MNIST normalization, undone to read the index back
 
@@ -50,12 +51,14 @@ class Recorder(L.LightningModule):
 
 if __name__ == "__main__":
     datamodule = ImageDataModule(
-        root=sys.argv[1],
-        source="torchvision",
-        download=False,
-        batch_size=16,
-        eval_batch_size=16,
-        val_size=60,
+        DataConfig(
+            root=sys.argv[1],
+            source="torchvision",
+            download=False,
+            batch_size=16,
+            eval_batch_size=16,
+            val_size=60,
+        )
     )
     trainer = L.Trainer(
         strategy="ddp",

@@ -100,8 +100,9 @@ class Postgres:
 class MakeServer:
     """``make server`` on a free port of 127.0.0.1, with ``store`` as its backend store."""
 
-    def __init__(self, store: str, artifacts: Path) -> None:
-        self.port = free_port()
+    def __init__(self, store: str, artifacts: Path, port: int | None = None) -> None:
+        """``port``: a given one (a server started again where its clients look for it)."""
+        self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [

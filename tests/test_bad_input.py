@@ -27,6 +27,19 @@ CASES = [
     ("trainer.max_epochs=-5", "trainer settings refused: "),
     ("label_smoothing=1", "label_smoothing=1.0 is out of range; valid: [0, 1)"),
     ("scheduler.pct_start=2", "optimizer or scheduler settings refused: "),
+    ("seed=-1", "seed=-1 is out of range; valid: [0, 4294967295]"),
+    ("seed=4294967296", "seed=4294967296 is out of range; valid: [0, 4294967295]"),
+    ("logger.retry_s=-1", "logger.retry_s=-1.0 is out of range; valid: [0, inf)"),
+    (
+        "trainer.limit_train_batches=0",
+        "trainer.limit_train_batches=0 is out of range; valid: (0, inf)",
+    ),
+    ("trainer.limit_train_batches=0.001", "trainer.limit_train_batches=0.001 leaves no training"),
+    ("trainer.max_epochs=0", "the run trains no step; valid: max_epochs >= 1 or max_steps >= 1"),
+    # keys appended to a typed group, which nothing would read
+    ("+model.foo=1", "unknown setting model.foo; valid in model: activation, batchnorm, channels"),
+    ("+data.bar=2", "unknown setting data.bar; valid in data: augment, batch_size, download"),
+    ("+logger.x=1", "unknown setting logger.x; valid in logger: artifact_location, experiment"),
     # unknown names in every registry
     ("model.name=resnet", "unknown backbone 'resnet'; valid: alexnet_small, cnn, lenet5, speedrun"),
     ("model.pooling=maxx", "unknown pooling 'maxx'; valid: avg, gem, lp, max, mixed, none"),
@@ -37,6 +50,14 @@ CASES = [
     ("+trainer.max_epoch=3", "unknown trainer argument 'max_epoch'; valid: "),
     ("trainer.accelerator=quantum", "trainer settings refused: "),
     ("trainer.precision=bogus", "trainer settings refused: "),
+    (
+        "trainer.strategy=ddp_spawn trainer.devices=2 trainer.accelerator=cpu",
+        "trainer.strategy=ddp_spawn starts its processes with multiprocessing, which returns no",
+    ),
+    (
+        "trainer.strategy=ddp_fork trainer.devices=2 trainer.accelerator=cpu",
+        "trainer.strategy=ddp_fork starts its processes with multiprocessing",
+    ),
     ("+optimizer.momentum=0.9", "optimizer or scheduler settings refused: "),
     ("optimizer._target_=torch.optim.Adamx", "Error locating target 'torch.optim.Adamx'"),
     ("callbacks.model_checkpoint.mode=maxx", "mode"),
@@ -51,6 +72,10 @@ CASES = [
     # tracking URIs
     ("logger.tracking_uri=bogus://x", "unsupported URI 'bogus://x'"),
     ("logger.tracking_uri=http://127.0.0.1:9", "the tracking server does not answer"),
+    (
+        "logger.experiment_name=trashed",
+        "logger.experiment_name=trashed: experiment 2 of that name is in MLflow's trash",
+    ),
     # resume targets
     ("resume=0123456789abcdef0123456789abcdef", "neither a checkpoint file nor a run"),
     ("resume=/no/such/last.ckpt", "resume=/no/such/last.ckpt: no such checkpoint file"),
@@ -73,6 +98,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     client = MlflowClient(uri)
     runs = {Path(r.data.tags["hydra.output_dir"]).name: r for r in client.search_runs(["1"])}
     client.update_run(runs["killed"].info.run_id, status="KILLED")
+    client.delete_experiment(client.create_experiment("trashed"))  # deleted, not purged
     damaged = write_mnist(folder / "damaged")
     images = damaged / "MNIST/raw/train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:1000])  # truncated
@@ -139,3 +165,39 @@ def test_bad_input_on_the_command_line_exits_without_a_traceback(
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert not store.exists()  # found before MLflow was touched: no store, no run
+
+
+def test_a_corrupt_store_is_one_line_naming_it_and_is_left_alone(tmp_path: Path) -> None:
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"not a database " * 100)
+    before = digest(store)
+    for command in (("seed=0",), ("-m", "seed=0,1")):  # a run, and a sweep
+        result = cnnlab_train(
+            *command,
+            f"paths.log_dir={tmp_path}/logs",
+            env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"},
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = [line for line in result.stderr.splitlines() if line.startswith("cnnlab: error:")]
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert f"logger.tracking_uri=sqlite:///{store}: the store cannot be opened" in lines[0]
+        assert "file is not a database" in lines[0] and "restore it from a backup" in lines[0]
+        assert "cnnlab_sweep.json" not in result.stderr
+    assert digest(store) == before
+
+
+def test_a_sweep_into_a_trashed_experiment_is_refused_with_the_real_cause(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("sweep"))
+    result = cnnlab_train(
+        "-m", "seed=0,1", f"paths.log_dir={tmp_path}/logs",
+        env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "sweep"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "logger.experiment_name=sweep: experiment 1 of that name is in MLflow's trash" in (
+        result.stderr
+    )
+    assert "restore it (mlflow experiments restore --experiment-id 1)" in result.stderr
+    assert "cnnlab_sweep.json" not in result.stderr and "Traceback" not in result.stderr
+    assert client.search_runs(["1"], run_view_type=3) == []  # ViewType.ALL: nothing created

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from cnnlab import config
-from cnnlab.job import check_trainer_args
+from cnnlab.training.job import check_trainer_args
 from tests.conftest import compose_train
 
 

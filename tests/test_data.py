@@ -15,6 +15,7 @@ import torch
 
 from cnnlab.data import DataError, ImageDataModule
 from cnnlab.data.augment import affine, crop_flip
+from cnnlab.data.config import DataConfig
 from cnnlab.data.datamodule import EpochBatchSampler
 from cnnlab.data.sources import BUNDLED_TEST_SIZE, load_splits
 from tests.conftest import FIXTURE_TEST, FIXTURE_TRAIN, write_cifar, write_idx, write_mnist
@@ -67,11 +68,11 @@ def test_unknown_dataset_lists_the_valid_ones() -> None:
     with pytest.raises(
         DataError, match="unknown dataset 'svhn'; valid: cifar10, cifar100, fashion_mnist, mnist"
     ):
-        ImageDataModule(name="svhn")
+        ImageDataModule(DataConfig(name="svhn"))
 
 
-def make_datamodule(root: Path, **options) -> ImageDataModule:
-    datamodule = ImageDataModule(
+def make_datamodule(root: Path, shuffle_seed: int = 0, **options) -> ImageDataModule:
+    data = DataConfig(
         root=str(root),
         source="torchvision",
         download=False,
@@ -79,6 +80,7 @@ def make_datamodule(root: Path, **options) -> ImageDataModule:
         eval_batch_size=64,
         **options,
     )
+    datamodule = ImageDataModule(data, shuffle_seed=shuffle_seed)
     datamodule.setup("fit")
     return datamodule
 
@@ -286,12 +288,14 @@ def test_affine_keeps_shape_and_moves_each_digit_differently() -> None:
 def test_augmentation_changes_training_batches_only(tmp_path: Path, skip_cifar_checksums) -> None:
     root = write_cifar(tmp_path)
     datamodule = ImageDataModule(
-        name="cifar10",
-        root=str(root),
-        source="torchvision",
-        download=False,
-        val_size=100,
-        augment=True,
+        DataConfig(
+            name="cifar10",
+            root=str(root),
+            source="torchvision",
+            download=False,
+            val_size=100,
+            augment=True,
+        )
     )
     datamodule.setup("fit")
     datamodule.trainer = L.Trainer(logger=False, enable_progress_bar=False)
@@ -306,7 +310,9 @@ def test_augmentation_changes_training_batches_only(tmp_path: Path, skip_cifar_c
 def test_on_an_accelerator_the_dataset_is_copied_there_once(mnist_root: Path) -> None:
     """The GPU path's data side, on PyTorch's "meta" device (shapes without storage): the
     whole split moves once, batches are gathered there, nothing is pinned."""
-    datamodule = ImageDataModule(root=str(mnist_root), source="torchvision", batch_size=32)
+    datamodule = ImageDataModule(
+        DataConfig(root=str(mnist_root), source="torchvision", batch_size=32)
+    )
     datamodule.setup("fit")
     meta = torch.device("meta")
     datamodule.trainer = SimpleNamespace(
@@ -319,5 +325,5 @@ def test_on_an_accelerator_the_dataset_is_copied_there_once(mnist_root: Path) ->
     assert not loader.pin_memory
     datamodule.train_dataloader()
     assert len(datamodule._on_device) == 1  # copied once, not per loader
-    datamodule.resident = False
+    datamodule.config.resident = False
     assert datamodule.train_dataloader().pin_memory  # copied per batch, from pinned memory

@@ -48,6 +48,38 @@ def test_ddp_on_two_cpu_processes_records_one_run_with_its_world_size(tmp_path: 
     assert {"val/acc", "test/acc", "time/images_per_s"} <= set(run.data.metrics)
 
 
+def test_a_ddp_job_on_a_cold_cache_applies_rank_0s_memory_format_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    # Each rank timed the formats on its own clock, they could choose differently, and DDP
+    # refused the model ("appears not to match strides"). The session's warm cache hid it:
+    # this job gets an empty one, as a first run on a new machine has.
+    uri, cold = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "cold"
+    result = cnnlab_train(
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "trainer.enable_progress_bar=false",
+        "perf.memory_format=auto",
+        f"paths.log_dir={tmp_path}/logs",
+        env={
+            "MLFLOW_TRACKING_URI": uri,
+            "MLFLOW_EXPERIMENT_NAME": "ddp",
+            "CNNLAB_CACHE": str(cold),
+        },
+    )
+    assert result.returncode == 0, result.stderr[-3000:]  # DDP took every rank's model
+    measured = (result.stdout + result.stderr).count("memory format:")
+    assert measured == 1  # rank 0 alone measured; rank 1 took its choice
+    assert len(json.loads((cold / "perf.json").read_text())) == 1
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+
+
 def write_indexed_mnist(root: Path, count: int) -> Path:
     """Real-format MNIST files whose image i carries i in its first two pixels."""
     images, labels = real_digits(count)
@@ -82,24 +114,25 @@ def test_each_ddp_rank_gets_a_disjoint_shard_reshuffled_per_epoch(tmp_path: Path
 
 def test_a_sweep_over_devices_gives_every_job_its_world_size_and_one_run(tmp_path) -> None:
     # 2 -> 1 crashed and 1 -> 2 trained on one process when Lightning's launcher re-ran the
-    # sweep's command line and left LOCAL_RANK/WORLD_SIZE behind for the next job.
+    # sweep's command line and left LOCAL_RANK/WORLD_SIZE behind for the next job. The jobs
+    # run 2, 1, 2, 1 devices (a grid that named one job twice would keep the second).
     result, _, parent, children = run_sweep(
         tmp_path,
         "trainer=ddp",
         "trainer.accelerator=cpu",
-        "trainer.devices=2,1,2",
-        "trainer.limit_train_batches=4",
+        "trainer.limit_train_batches=4,3",
+        "trainer.devices=2,1",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(children) == 3  # exactly one run per job, none from a DDP worker
+    assert len(children) == 4  # exactly one run per job, none from a DDP worker
     world = sorted(
         (r.data.tags["factor.trainer.devices"], r.data.params["trainer/world_size"])
         for r in children
     )
-    assert world == [("1", "1"), ("2", "2"), ("2", "2")]
+    assert world == [("1", "1"), ("1", "1"), ("2", "2"), ("2", "2")]
     assert {r.info.status for r in children} == {"FINISHED"}
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
-    assert parent.data.tags["jobs.finished"] == "3"
+    assert parent.data.tags["jobs.finished"] == "4"
     sweeps = list((tmp_path / "logs/train/multiruns").iterdir())
     assert len(sweeps) == 1  # no worker re-ran the sweep
-    assert sorted(p.name for p in sweeps[0].iterdir() if p.is_dir()) == ["0", "1", "2"]
+    assert sorted(p.name for p in sweeps[0].iterdir() if p.is_dir()) == ["0", "1", "2", "3"]

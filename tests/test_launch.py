@@ -10,7 +10,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from cnnlab.launch import gpu_slot, needs_own_process
+from cnnlab.launch.local import gpu_slot
+from cnnlab.launch.processes import needs_own_process
 
 
 def test_parallel_jobs_take_different_gpus_and_give_them_back(tmp_path: Path) -> None:

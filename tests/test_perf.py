@@ -9,16 +9,17 @@ import pytest
 import torch
 from lightning.pytorch.loggers.logger import DummyLogger
 
-from cnnlab import perf, train
+from cnnlab import train
 from cnnlab.checks import ConfigError
-from cnnlab.job import fit_and_test, prepare
 from cnnlab.models import InputSpec, build_model
+from cnnlab.training import perf
+from cnnlab.training.job import fit_and_test, prepare
 from tests.conftest import compose_train, only_run, write_cifar
 
 
 def fit(job) -> float:
-    job.trainer.logger = DummyLogger()  # cnnlab.record gives it MLflow's; not needed here
-    return fit_and_test(job)
+    job.trainer.logger = DummyLogger()  # cnnlab.train gives it MLflow's; not needed here
+    return fit_and_test(job).best_val
 
 
 @pytest.fixture
@@ -71,6 +72,18 @@ def test_auto_takes_no_timing_dependent_choice_for_a_deterministic_run(small_cfg
     fast_path = next(c for c in job.trainer.callbacks if isinstance(c, perf.FastPath))
     assert fast_path.memory_format == "contiguous"
     assert not cache.exists()  # nothing was measured
+
+
+def test_auto_on_one_process_measures_on_a_cold_cache_and_applies_its_choice(
+    small_cfg, cache
+) -> None:
+    job = prepare(small_cfg(["perf.memory_format=auto", "test=false"]))
+    fit(job)
+    fast_path = next(c for c in job.trainer.callbacks if isinstance(c, perf.FastPath))
+    assert list(json.loads(cache.read_text()).values()) == [fast_path.memory_format]
+    layout = perf.MEMORY_FORMATS[fast_path.memory_format]
+    assert job.net.backbone.stage2.body.conv1.weight.is_contiguous(memory_format=layout)
+    assert job.module.memory_format == layout
 
 
 def test_label_smoothing_softens_the_training_loss_only(small_cfg) -> None:

@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from cnnlab import pictures
-from cnnlab.classifier import Classifier
 from cnnlab.models import InputSpec, build_model
+from cnnlab.training.classifier import Classifier
 
 
 def test_the_confusion_matrix_counts_every_test_image_once() -> None:

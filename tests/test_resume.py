@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -16,14 +17,14 @@ from mlflow import MlflowClient
 
 from cnnlab import train
 from cnnlab.checks import ConfigError
-from cnnlab.resume import (
+from cnnlab.tracking.resume import (
     CHECKPOINT_TAG,
     config_differences,
     find_target,
     requeued,
     run_id_in,
-    slurm_restarted,
 )
+from cnnlab.tracking.runs import slurm_restarted
 from tests.conftest import REPO, only_run
 
 
@@ -72,7 +73,9 @@ def test_files_that_are_not_cnnlab_checkpoints_are_refused(finished_run, tmp_pat
         find_target(client, str(garbage))
 
 
-def test_a_run_left_running_by_a_dead_process_is_marked_killed(finished_run) -> None:
+def test_a_run_left_running_by_a_dead_process_is_marked_killed_once_it_resumes(
+    finished_run, small_cfg
+) -> None:
     client, run = finished_run
     run_id = run.info.run_id
     client.update_run(run_id, status="RUNNING")
@@ -83,15 +86,121 @@ def test_a_run_left_running_by_a_dead_process_is_marked_killed(finished_run) -> 
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     client.set_tag(run_id, "cnnlab.pid", dead)
     target = find_target(client, run_id)
-    marked = client.get_run(run_id)
-    assert marked.info.status == "KILLED" and "cnnlab.died" in marked.data.tags
+    unmarked = client.get_run(run_id)  # finding only reads
+    assert unmarked.info.status == "RUNNING" and "cnnlab.died" not in unmarked.data.tags
+    assert target.died == "process gone while RUNNING"
     assert target.checkpoint == Path(run.data.tags[CHECKPOINT_TAG])
+    with pytest.raises(SystemExit):  # refused: the run stays as it was
+        train.run(small_cfg(["seed=4", "model.dropout=0.5", f"resume={run_id}"]))
+    refused = client.get_run(run_id)
+    assert refused.info.status == "RUNNING" and "cnnlab.died" not in refused.data.tags
+    train.run(small_cfg(["seed=4", f"resume={run_id}"]))
+    resumed = client.get_run(run_id)
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["cnnlab.died"] == "process gone while RUNNING"
+
+
+def killed_with_a_cut_short_last_checkpoint(client: MlflowClient, run) -> Path:
+    """The run KILLED by Ctrl-C (as TrackedRun records it), then its last.ckpt cut short
+    (a SIGKILL while saving): the other checkpoint in its folder stays whole."""
+    run_id = run.info.run_id
+    client.set_tag(run_id, "error", "interrupted (KeyboardInterrupt)")
+    client.set_terminated(run_id, "KILLED")
+    last = Path(run.data.tags[CHECKPOINT_TAG])
+    last.write_bytes(last.read_bytes()[:1000])
+    return last
+
+
+def test_a_cut_short_checkpoint_gives_way_to_the_newest_whole_one(finished_run, small_cfg) -> None:
+    client, run = finished_run
+    run_id = run.info.run_id
+    last = killed_with_a_cut_short_last_checkpoint(client, run)
+    (best,) = [path for path in last.parent.glob("*.ckpt") if path != last]
+    assert find_target(client, run_id).checkpoint == best
+    assert find_target(client, str(last)).checkpoint == best  # named as a file: the same
+    train.run(small_cfg(["seed=4", f"resume={run_id}"]))
+    resumed = client.get_run(run_id)
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["cnnlab.resumed_from"] == str(best)
+
+
+def test_a_run_without_a_whole_checkpoint_is_refused_and_left_as_it_was(
+    finished_run, small_cfg, capsys
+) -> None:
+    client, run = finished_run
+    run_id = run.info.run_id
+    last = killed_with_a_cut_short_last_checkpoint(client, run)
+    for path in last.parent.glob("*.ckpt"):
+        if path != last:
+            path.unlink()
+    before = client.get_run(run_id)
+    with pytest.raises(SystemExit) as exit_info:
+        train.run(small_cfg(["seed=4", f"resume={run_id}"]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cnnlab: error: ") and err.count("\n") == 1, err
+    assert f"{last} is cut short or unreadable, and {last.parent} holds no whole" in err
+    after = client.get_run(run_id)
+    assert after.info.status == "KILLED" and after.data.tags == before.data.tags
+
+
+def test_a_run_resumed_after_its_final_metrics_logs_none_of_them_again(
+    finished_run, small_cfg
+) -> None:
+    """Its process died after training, while logging the rest (artifacts, pictures)."""
+    client, run = finished_run
+    run_id = run.info.run_id
+    before = {key: history(client, run_id, key) for key in ("time/fit_s", "val/acc_best")}
+    client.set_terminated(run_id, "KILLED")
+    train.run(small_cfg(["seed=4", f"resume={run_id}"]))
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for key, logged in before.items():
+        assert len(logged) == 1 and history(client, run_id, key) == logged, key
+    saved = torch.load(run.data.tags[CHECKPOINT_TAG], weights_only=True)["callbacks"]
+    assert 0 < saved["ResumeState"]["fit_seconds"] <= before["time/fit_s"][0][1]
+
+
+def test_a_run_that_finishes_after_a_resume_keeps_no_error_of_its_interruption(
+    finished_run, small_cfg
+) -> None:
+    client, run = finished_run
+    run_id = run.info.run_id
+    client.set_tag(run_id, "error", "interrupted (KeyboardInterrupt)")  # as TrackedRun does
+    client.set_terminated(run_id, "KILLED")
+    train.run(small_cfg(["seed=4", f"resume={run_id}"]))
+    resumed = client.get_run(run_id)
+    assert resumed.info.status == "FINISHED"
+    assert "error" not in resumed.data.tags
 
 
 def test_a_changed_setting_is_named_and_folders_are_not(finished_run, small_cfg) -> None:
     client, run = finished_run
     changed = small_cfg(["seed=4", "model.dropout=0.5", "paths.log_dir=/elsewhere"])
     assert config_differences(client, run.info.run_id, changed) == ["model/dropout: 0.2 -> 0.5"]
+
+
+def test_resume_with_the_run_id_alone_takes_its_settings_and_may_train_it_longer(
+    small_cfg, tracking_uri: str, capsys
+) -> None:
+    train.run(small_cfg(["seed=5", "model.dropout=0.3"]))  # 2 epochs, FINISHED
+    client, run = only_run(tracking_uri)
+    run_id = run.info.run_id
+    for changed, named in (
+        (["trainer.max_epochs=3", "model.dropout=0.5"], "model/dropout: 0.3 -> 0.5"),
+        (["trainer.max_epochs=1"], "FINISHED; nothing to resume (a larger trainer.max_epochs"),
+    ):
+        with pytest.raises(SystemExit):
+            train.run(small_cfg([f"resume={run_id}", *changed]))
+        assert named in capsys.readouterr().err
+    assert client.get_run(run_id).info.status == "FINISHED"  # refused: left as it was
+    # Neither the seed nor the dropout retyped: they come from the run's own command line.
+    train.run(small_cfg([f"resume={run_id}", "trainer.max_epochs=3"]))
+    resumed = client.get_run(run_id)
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["cnnlab.max_epochs"] == "2->3"
+    assert resumed.data.params["model/dropout"] == "0.3" and resumed.data.params["seed"] == "5"
+    assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == [3, 7, 11]
+    assert len(only_run(tracking_uri)[1].info.run_id) == len(run_id)  # still the one run
 
 
 # End to end, as users run it: a run interrupted by Ctrl-C and one killed outright both
@@ -117,7 +226,7 @@ def cnnlab(tmp_path: Path, name: str, *extra: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-def interrupt_mid_epoch(tmp_path: Path, name: str, signum: int) -> None:
+def interrupt_mid_epoch(tmp_path: Path, name: str, signum: int) -> str:
     """Signal the run once its second epoch is under way (its train/loss reached step 50:
     with flush_every_s=0 every logged step is in the store at once)."""
     process = cnnlab(tmp_path, name)
@@ -130,6 +239,7 @@ def interrupt_mid_epoch(tmp_path: Path, name: str, signum: int) -> None:
     assert process.poll() is None, "the run ended before it could be interrupted"
     process.send_signal(signum)
     assert process.wait(timeout=120) != 0
+    return process.stderr.read()
 
 
 def _last_step(client: MlflowClient, output_dir: Path) -> int:
@@ -151,7 +261,7 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, floa
 def test_interrupted_runs_resume_to_the_metrics_of_an_uninterrupted_one(tmp_path) -> None:
     whole = cnnlab(tmp_path, "whole")
     assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
-    interrupt_mid_epoch(tmp_path, "ctrl_c", signal.SIGINT)
+    told = interrupt_mid_epoch(tmp_path, "ctrl_c", signal.SIGINT)
     interrupt_mid_epoch(tmp_path, "killed", signal.SIGKILL)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("resume").experiment_id
@@ -163,8 +273,18 @@ def test_interrupted_runs_resume_to_the_metrics_of_an_uninterrupted_one(tmp_path
     assert recorded == str(tmp_path / "ctrl_c/checkpoints/interrupted.ckpt")
     assert torch.load(recorded, weights_only=True)["global_step"] % 40 != 0
 
-    by_id = cnnlab(tmp_path, "resume1", f"resume={runs['ctrl_c'].info.run_id}")
-    assert by_id.wait(timeout=600) == 0, by_id.stderr.read()[-3000:]
+    # Ctrl-C printed the command that continues the run: run it as printed.
+    said = [line.split("continue with: ", 1)[1] for line in told.splitlines()
+            if line.startswith("cnnlab: interrupted; continue with: ")]  # fmt: skip
+    assert len(said) == 1, told[-3000:]
+    command = said[0]
+    assert command.startswith("python -m cnnlab.train ")
+    assert command.endswith(f" resume={runs['ctrl_c'].info.run_id}")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+           "MLFLOW_EXPERIMENT_NAME": "resume"}  # fmt: skip
+    by_id = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert by_id.returncode == 0, by_id.stderr[-3000:]
     by_file = cnnlab(tmp_path, "resume2", f"resume={tmp_path}/killed/checkpoints/last.ckpt")
     assert by_file.wait(timeout=600) == 0, by_file.stderr.read()[-3000:]
 
@@ -175,6 +295,10 @@ def test_interrupted_runs_resume_to_the_metrics_of_an_uninterrupted_one(tmp_path
         assert run.info.status == "FINISHED"
         for key in ("train/loss", "val/acc", "val/loss", "test/acc"):
             assert history(client, run.info.run_id, key) == history(client, reference, key), key
+        # The whole fit's time across both starts: at least its epochs' training time.
+        epochs = sum(value for _, value in history(client, run.info.run_id, "time/epoch_s"))
+        ((_, fit_seconds),) = history(client, run.info.run_id, "time/fit_s")
+        assert fit_seconds >= epochs, name
     assert "cnnlab.died" in client.get_run(runs["killed"].info.run_id).data.tags
 
 

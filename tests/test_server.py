@@ -53,5 +53,20 @@ def test_a_parallel_sweep_through_make_server_on_postgresql_loses_nothing(
             ("FINISHED", 3)
         ]
         assert (tmp_path / "artifacts").is_dir()
+        # Grown by a seed and continued from another folder (as from another machine): each
+        # job decides from the server alone, so only the new ones train.
+        grown, _, again, children = run_sweep(
+            tmp_path / "elsewhere",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "model.head=fc,gap",
+            "seed=0,1",
+            "sweep.resume=latest",
+            uri=server.uri,
+        )
+        assert grown.returncode == 0, grown.stderr[-3000:]
+        assert "this start: 2 trained, 2 kept, 0 resumed" in grown.stdout
+        assert again.info.run_id == parent.info.run_id and len(children) == 4
+        assert {r.info.status for r in children} == {"FINISHED"}
     finally:
         server.stop()

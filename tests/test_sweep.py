@@ -52,6 +52,7 @@ def test_a_job_knows_its_parent_factors_group_and_name(tmp_path: Path) -> None:
     assert job.tags() == {
         "mlflow.parentRunId": "p1",
         "group": "model.pooling=lp,model.head=gap",
+        "seed": "2",
         "factor.model.pooling": "lp",
         "factor.model.head": "gap",
     }

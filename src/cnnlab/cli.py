@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
-from cnnlab.checks import ConfigError, check_writable
+from cnnlab import tracking
+from cnnlab.checks import ConfigError, check_writable, fail
 from cnnlab.data import DataError
 
 # Raised by the checks that run before training: bad settings (ConfigError, ShapeError among
@@ -26,20 +24,8 @@ USER_ERRORS = (
     DataError,
     InstantiationException,
     MisconfigurationException,
-    MlflowException,
+    *tracking.USER_ERRORS,
 )
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-
-
-def fail(error: BaseException) -> NoReturn:
-    """Print ``error`` as one line and exit with status 2 (``HYDRA_FULL_ERROR=1``: re-raise)."""
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        raise error
-    print(f"cnnlab: error: {one_line(error)}", file=sys.stderr)
-    sys.exit(2)
 
 
 @contextmanager
@@ -48,6 +34,19 @@ def user_errors() -> Iterator[None]:
         yield
     except USER_ERRORS as error:
         fail(error)
+
+
+SHOW_FLAGS = ("--cfg", "-c", "--info", "-i")
+MULTIRUN_FLAGS = ("--multirun", "-m")
+
+
+def check_flags(argv: list[str]) -> None:
+    """Hydra refuses ``-m`` with ``--cfg`` in a traceback; this says what to use instead."""
+    if any(a in MULTIRUN_FLAGS for a in argv) and any(a in SHOW_FLAGS for a in argv):
+        fail(ConfigError(
+            "--cfg and --info show one job's config, not a sweep's: add sweep.dry_run=true "
+            "to -m to list the jobs and what each would do, or drop -m to see one job's config"
+        ))  # fmt: skip
 
 
 class OutputFolderCheck(Callback):

@@ -1,64 +1,31 @@
 """Typed configuration: the schemas Hydra composes into, and the checks run before training.
 
-The YAML files under ``conf/`` extend the dataclasses registered here (model presets come
-from :data:`cnnlab.models.PRESETS`, so they are written once), so a misspelt key or a
-value of the wrong type fails when the config is composed. Range checks that a type cannot
-express live in ``__post_init__`` and run when :func:`to_settings` converts the composed
-config into these objects, before any data is read or any MLflow run exists.
+The YAML files under ``conf/`` extend these dataclasses (registered by cnnlab.compose; the
+data's and the model's own live with them, in cnnlab.data.config and cnnlab.models), so a
+misspelt key or a value of the wrong type fails when the config is composed. Range checks
+that a type cannot express live in ``__post_init__`` and run when :func:`to_settings`
+converts the composed config into these objects, before any data is read or any MLflow run
+exists.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.checks import ConfigError, check_choice, check_range
-from cnnlab.models import PRESETS, ModelConfig, preset
+from cnnlab.data.config import DataConfig, DataSource
+from cnnlab.models import ModelConfig
 
 # The checkout that holds conf/: cnnlab is installed editable from it (see the Makefile).
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
-
-
-class DataSource(enum.Enum):
-    """Where images come from: ``auto`` tries the torchvision files, then the bundled digits."""
-
-    auto = "auto"
-    torchvision = "torchvision"
-    bundled = "bundled"
-
-
-@dataclass
-class DataConfig:
-    name: str = "mnist"
-    root: str = "data"
-    source: DataSource = DataSource.auto
-    download: bool = True  # fetch the torchvision files when missing (needs network)
-    batch_size: int = 128
-    eval_batch_size: int = 1024
-    # Validation images split off the training set: a count if >= 1, else a fraction.
-    val_size: float = 0.1
-    split_seed: int = 0  # fixes the train/val split independently of the training seed
-    # Per-batch augmentation on the model's device (training batches only): random crop with
-    # 4 px padding and horizontal flip for CIFAR, small random affine for MNIST.
-    augment: bool = False
-    # On a GPU: the whole dataset (uint8) lives there and batches are gathered there;
-    # false: each batch is copied from pinned host memory. No effect on the CPU.
-    resident: bool = True
-
-    def __post_init__(self) -> None:
-        check_range("data.batch_size", self.batch_size, low=0, low_open=True)
-        check_range("data.eval_batch_size", self.eval_batch_size, low=0, low_open=True)
-        check_range("data.val_size", self.val_size, low=0, low_open=True)
 
 
 @dataclass
@@ -71,14 +38,19 @@ class LoggerConfig:
     artifact_location: str | None = None
     run_name: str | None = None  # None: made from the model's knobs and the seed
     flush_every_s: float = 5.0  # metrics are sent in batches at most this often
+    # How long a write waits in all for a busy (locked) or unreachable store before the run
+    # fails; what was not sent stays in the run's folder for resume= (cnnlab.tracking.retry).
+    retry_s: float = 180.0
     pictures: bool = True  # per-run pictures (cnnlab.pictures) as artifacts: ~2 s a run
 
     def __post_init__(self) -> None:
         check_range("logger.flush_every_s", self.flush_every_s, low=0)
+        check_range("logger.retry_s", self.retry_s, low=0)
 
 
 class MemoryFormat(enum.Enum):
-    """Of the model's weights and batches; ``auto`` measures which is faster (cnnlab.perf)."""
+    """Of the model's weights and batches; ``auto`` measures which is faster
+    (cnnlab.training.perf)."""
 
     auto = "auto"
     channels_last = "channels_last"
@@ -91,7 +63,8 @@ MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 @dataclass
 class PerfConfig:
-    """Speed settings that change no result beyond floating-point rounding (cnnlab.perf)."""
+    """Speed settings that change no result beyond floating-point rounding
+    (cnnlab.training.perf)."""
 
     memory_format: MemoryFormat = MemoryFormat.auto
     # torch.compile the model: measured on this project's 2-core CPU, LeNet-5 0.86-0.90x and
@@ -107,9 +80,23 @@ class PerfConfig:
 
 @dataclass
 class SweepConfig:
+    """How a multirun treats its jobs (README "Continue a sweep"); none is in a job's
+    identity (cnnlab.tracking.identity)."""
+
     # Stop the sweep at the first failed job; by default it is recorded FAILED and the
     # remaining jobs run.
     fail_fast: bool = False
+    # Continue the sweep of that parent run id (or the newest, "latest"): its FINISHED jobs
+    # are kept, KILLED ones continue from their checkpoint, FAILED ones run again.
+    resume: str | None = None
+    retry_failed: bool = True  # with resume: run a FAILED job again (false: leave it FAILED)
+    # Take the result of a FINISHED run of the same identity anywhere in the experiment
+    # instead of training it again. Off: the data files are not in the identity, so a
+    # study reusing another's runs trusts that both read the same files.
+    reuse: bool = False
+    dry_run: bool = False  # list the jobs and what each would do; train nothing
+    # A tree with uncommitted changes counts as its commit (default: as its own version).
+    ignore_dirty: bool = False
 
 
 @dataclass
@@ -118,6 +105,9 @@ class PathsConfig:
     data_dir: str = "${paths.root_dir}/data"
     log_dir: str = "${paths.root_dir}/logs"
     output_dir: str = "${hydra:runtime.output_dir}"
+
+
+SEED_MAX = 2**32 - 1
 
 
 @dataclass
@@ -145,33 +135,21 @@ class TrainConfig:
             raise ConfigError("optimizer.lr is missing; set a learning rate > 0")
         check_range("optimizer.lr", self.optimizer["lr"], low=0, low_open=True)
         check_range("label_smoothing", self.label_smoothing, low=0, high=1)
+        # The seeds NumPy takes, as Lightning's seed_everything checks them (it raises a bare
+        # ValueError mid-setup otherwise).
+        check_range("seed", self.seed, low=0, high=SEED_MAX, high_open=False)
 
 
 __all__ = [
     "ConfigError",
+    "DataConfig",
+    "DataSource",
     "ModelConfig",
     "TrainConfig",
     "check_choice",
     "check_range",
-    "register_configs",
     "to_settings",
 ]
-
-
-def _sweep_batch(fail_fast: bool) -> int | None:
-    """Jobs per launch batch: Hydra re-raises a job's failure only after its batch ends."""
-    return 1 if fail_fast else None
-
-
-def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore: ``train_schema`` (listed first by
-    conf/train.yaml) and one ``model`` group option per preset in cnnlab.models.PRESETS."""
-    if not OmegaConf.has_resolver("cnnlab_sweep_batch"):
-        OmegaConf.register_new_resolver("cnnlab_sweep_batch", _sweep_batch)
-    store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConfig)
-    for name in PRESETS:
-        store.store(group="model", name=name, node=preset(name))
 
 
 def to_settings(cfg: DictConfig) -> TrainConfig:
@@ -180,6 +158,7 @@ def to_settings(cfg: DictConfig) -> TrainConfig:
     Raises:
         ConfigError: a value is out of range or unknown.
     """
+    check_known_keys(cfg)
     try:
         settings = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:  # e.g. an interpolation that cannot be resolved
@@ -188,17 +167,24 @@ def to_settings(cfg: DictConfig) -> TrainConfig:
     return settings
 
 
-def compose(overrides: list[str], output_dir: str | Path) -> DictConfig:
-    """``conf/train.yaml`` with ``overrides`` composed as ``python -m cnnlab.train`` would,
-    with Hydra's runtime set (output folder ``output_dir``): for :func:`cnnlab.train.run`
-    from Python (notebooks, benchmarks, tests)."""
-    register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.name = "train"
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+def check_known_keys(node: DictConfig, prefix: str = "") -> None:
+    """Refuse a key a typed node does not have (``+model.foo=1``): Hydra's ``+`` adds it even
+    to a structured config, where nothing would read it, yet it would be logged as a param.
+
+    Raises:
+        ConfigError: naming the key and the valid ones.
+    """
+    schema = OmegaConf.get_type(node)
+    fields = (
+        {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    )
+    for key in node:
+        name = f"{prefix}{key}"
+        if fields is not None and key not in fields:
+            raise ConfigError(
+                f"unknown setting {name}; valid in {prefix.rstrip('.') or 'the config'}: "
+                + ", ".join(sorted(fields))
+            )
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            check_known_keys(child, f"{name}.")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from cnnlab import config
+from cnnlab import compose, config
 from cnnlab.cli import user_errors
 from cnnlab.data import dataset_info
 from cnnlab.models import InputSpec, build_model
 from cnnlab.models.summary import describe
 
-config.register_configs()
+compose.register_configs()
 
 
 def summarize(cfg: DictConfig) -> str:

@@ -1,40 +1,47 @@
 """Train one configuration and record it in MLflow: ``python -m cnnlab.train [overrides]``.
 
-Everything that can be wrong with the input (config, data files, shapes, Trainer and
-optimizer arguments, tracking URI) is found before the MLflow run is created; a user error
-prints one line and exits with 2. Under DDP only global rank 0 talks to MLflow.
+One flow for a single run and for a sweep job (:func:`run_job`): read Hydra's runtime once,
+plan (check the settings, connect the store, decide what a resume continues from: all
+before anything is built or recorded), prepare (build data, model, Trainer), open or reopen
+the run, fit, record. What differs between a single run and a sweep job is data
+(:class:`Policy`): how a refused or failed job ends. Everything that can be wrong with the
+input is found before the MLflow run is created; a user error prints one line and exits
+with 2. Under DDP only global rank 0 writes to MLflow.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import config, launch, resume, tracking
-from cnnlab.callbacks import InterruptCheckpoint
-from cnnlab.classifier import NonFiniteLossError
-from cnnlab.cli import USER_ERRORS, fail, one_line, user_errors
-from cnnlab.job import Job, fit_and_test, prepare
-from cnnlab.record import record
-from cnnlab.resume import Target, config_differences, find_target
+from cnnlab import cli, compose, config, pictures, tracking
+from cnnlab.checks import fail, one_line
+from cnnlab.cli import USER_ERRORS
+from cnnlab.launch import local, processes
+from cnnlab.launch.runtime import Runtime
+from cnnlab.models.summary import describe
+from cnnlab.plan import Plan, plan_job, store
+from cnnlab.tracking import record
+from cnnlab.tracking.continuation import Action
+from cnnlab.training.classifier import NonFiniteLossError
+from cnnlab.training.job import FitResult, Job, facts, fit_and_test, prepare
 
 log = logging.getLogger("cnnlab")
 
@@ -43,201 +50,280 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Batches come from tensors in memory; worker processes would only add copies.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # A run resumed mid-epoch goes on with the next batch: cnnlab's sampler takes the resume
-# point (callbacks.ResumeState), though Lightning cannot see that it does.
+# point (training.job.Start), though Lightning cannot see that it does.
 warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch.*")
 # EpochSpeed logs rank 0's clock on purpose: a sum or mean over ranks would not be a time.
 warnings.filterwarnings("ignore", ".*log\\('time/.*sync_dist=True.*")
 
-config.register_configs()
+compose.register_configs()
+
+# Failures of a job that has started training, each ending in one line: a loss gone
+# non-finite (a setting to change: exit 2), a store that stayed down (exit 1).
+JOB_FAILURES = (NonFiniteLossError, tracking.StoreUnavailable)
+PICTURE_IMAGES = 512  # test images the pictures are drawn from (misclassified, feature maps)
+CURVES = ("train/loss", "train/acc", "val/loss", "val/acc")
 
 
-def run(cfg: DictConfig) -> float:
-    """Check ``cfg``, then train and record it; a user error exits before any run exists."""
-    sweep = sweep_context(cfg.seed)
-    if sweep is not None:
-        return run_sweep_job(cfg, sweep)
-    with user_errors():
-        job = prepare(cfg)
-        client, experiment_id = None, ""
-        if job.trainer.global_rank == 0:
-            logger = job.settings.logger
-            client = tracking.connect(logger.tracking_uri)
-            experiment_id = tracking.open_experiment(
-                client, logger.experiment_name, logger.artifact_location
+@dataclass(frozen=True)
+class Policy:
+    """How a job ends when it is refused or fails: a single run exits with one line; a sweep
+    job is recorded FAILED and the sweep goes on (None: no result), unless ``fail_fast``."""
+
+    sweep: tracking.JobContext | None = None
+    fail_fast: bool = False
+
+    def refused(self, error: Exception, client: MlflowClient | None, overrides: list[str]) -> None:
+        if self.sweep is None:
+            fail(error)
+        print(f"cnnlab: error: {self.sweep.run_name}: {one_line(error)}", file=sys.stderr)
+        if client is not None:  # the sweep's table shows the job that never trained
+            tags = self.sweep.tags() | {"overrides": tracking.redact_uri(" ".join(overrides))}
+            record.record_refused(
+                client, self.sweep.experiment_id, self.sweep.run_name, tags, one_line(error)
             )
-        if job.settings.resume:
-            continue_from(job, plan_resume(job, client))
+        if self.fail_fast:
+            raise error
+
+    def failed(self, error: Exception) -> None:
+        if self.sweep is None:
+            if isinstance(error, JOB_FAILURES):  # recorded FAILED; the user gets one line
+                fail(error, status=1 if isinstance(error, tracking.StoreUnavailable) else 2)
+            raise error
+        if self.fail_fast:
+            raise error
+        if isinstance(error, JOB_FAILURES):
+            print(f"cnnlab: error: {self.sweep.run_name}: {one_line(error)}", file=sys.stderr)
         else:
-            continue_from(job, requeued_target(job, client, experiment_id))
+            log.exception(
+                "sweep job %s failed (recorded FAILED); sweep goes on", self.sweep.run_name
+            )
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Check ``cfg``, then train and record it; a user error exits before any run exists.
+    Returns the best validation accuracy (None: a sweep job without a result, which an
+    optimizing sweeper such as Optuna records as a failed trial and goes on)."""
+    runtime = Runtime.from_hydra()
+    sweep = sweep_of(runtime, cfg.seed)
+    policy = Policy(sweep, bool(OmegaConf.select(cfg, "sweep.fail_fast", default=False)))
+    with placement(runtime, cfg) as devices:
+        return run_job(cfg, runtime, policy, devices)
+
+
+def run_job(
+    cfg: DictConfig, runtime: Runtime, policy: Policy, devices: list[int] | None = None
+) -> float | None:
+    """plan → prepare → open or reopen the run → fit → record, for any job."""
+    # A sweep job's store exists (the sweep callback made it): a refused job is recorded there.
+    client = store(cfg) if policy.sweep is not None else None
     try:
-        return fit_and_record(job, client, experiment_id)
-    except NonFiniteLossError as error:  # recorded FAILED; the user gets one line
-        fail(error)
+        planned = plan_job(cfg, runtime, policy.sweep, client)
+        if not planned.decision.trains:  # a sweep job its store already answers
+            return settled(planned, policy.sweep, runtime)
+        job, planned = built(planned, runtime, policy.sweep, devices)
+    except USER_ERRORS as error:
+        return policy.refused(error, client, runtime.overrides)
+    try:
+        best_val = fit_or_delegate(job, planned, runtime, policy.sweep)
+    except Exception as error:
+        return policy.failed(error)
+    if policy.sweep is not None and job.trainer.global_rank == 0:
+        processes.write_result(best_val)
+        tracking.write_outcome(runtime.output_dir, planned.decision.action.value)
+    return None if policy.sweep is not None and math.isnan(best_val) else best_val
 
 
-def plan_resume(job: Job, client: MlflowClient | None) -> Target:
-    """The run and checkpoint ``resume=`` names, refused when the config has changed."""
-    first_rank = job.trainer.global_rank == 0
-    client = client or tracking.connect(job.settings.logger.tracking_uri)
-    target = find_target(client, job.settings.resume, check_status=first_rank)
-    differences = config_differences(client, target.run_id, job.cfg) if first_rank else []
-    if differences:
-        raise config.ConfigError(
-            f"resume={job.settings.resume}: the config differs from run {target.run_id}'s: "
-            + "; ".join(differences)
-            + ". Resume with its settings, or start a new run"
-        )
-    return target
+def settled(plan: Plan, sweep: tracking.JobContext, runtime: Runtime) -> float | None:
+    """A sweep job not trained again: its FINISHED child kept, another study's run reused
+    (recorded as a child naming it), or left as it is (FAILED, or running elsewhere); its
+    recorded score goes to the sweeper."""
+    decision = plan.decision
+    if rank_zero_only.rank == 0:
+        if decision.action is Action.reuse:
+            overrides = tracking.redact_uri(" ".join(runtime.overrides))
+            tags = sweep.tags() | plan.identity.tags() | {"overrides": overrides}
+            record.record_reused(
+                plan.client, sweep.experiment_id, sweep.run_name, tags, decision.run
+            )
+        tracking.write_outcome(runtime.output_dir, decision.action.value)
+        log.info("%s: %s %s", sweep.run_name, decision.action.value, decision.why or
+                 f"(run {decision.run.info.run_id})")  # fmt: skip
+    score = decision.score if decision.action in (Action.kept, Action.reuse) else None
+    processes.write_result(math.nan if score is None else score)
+    return score
 
 
-def requeued_target(job: Job, client: MlflowClient | None, experiment_id: str) -> Target | None:
-    """In a Slurm job that Slurm has requeued: the run and checkpoint its earlier start
-    left, to continue (resume.requeued); None on a first start, outside Slurm, or when that
-    start left nothing to continue. DDP ranks other than 0 only read the store."""
-    if not resume.slurm_restarted():
-        return None
-    logger = job.settings.logger
-    client = client or tracking.connect(logger.tracking_uri)
-    if not experiment_id:
-        experiment = client.get_experiment_by_name(logger.experiment_name)
-        experiment_id = experiment.experiment_id if experiment else ""
-    target = resume.requeued(client, experiment_id, [str(job.trainer.default_root_dir)])
-    if target is not None and job.trainer.global_rank == 0:
-        log.info(
-            "Slurm job %s started again (restart %s): run %s continues from %s",
-            os.environ["SLURM_JOB_ID"], os.environ["SLURM_RESTART_COUNT"],
-            target.run_id, target.checkpoint,
-        )  # fmt: skip
-    return target
-
-
-def continue_from(job: Job, target: Target | None) -> None:
-    """Train ``job`` on from ``target``'s checkpoint, saving where the run left off."""
-    job.resume = target
-    if target is None:
-        return
-    for callback in job.trainer.callbacks:
-        if isinstance(callback, ModelCheckpoint | InterruptCheckpoint):
-            callback.dirpath = str(target.checkpoint.parent)
-
-
-def fit_and_record(
-    job: Job,
-    client: MlflowClient | None,
-    experiment_id: str,
+def prepared(
+    cfg: DictConfig,
+    runtime: Runtime,
     sweep: tracking.JobContext | None = None,
-) -> float:
-    """Train ``job``; only global rank 0 records it (a DDP worker has nothing to record)."""
-    if job.trainer.global_rank != 0:
-        job.trainer.logger = DummyLogger()
-        return fit_and_test(job)
-    try:
-        return record(job, client, experiment_id, sweep)
-    except SIGTERMException as error:  # the run is KILLED; exit as a terminated process does
-        stopper = [c for c in job.trainer.callbacks if isinstance(c, InterruptCheckpoint)]
-        raise SystemExit(128 + ((stopper and stopper[0].received) or signal.SIGTERM)) from error
+    devices: list[int] | None = None,
+    client: MlflowClient | None = None,
+) -> tuple[Job, Plan]:
+    """The job planned and built, every check passed; for global rank 0 of a single run the
+    experiment exists now. Raises the user's error (USER_ERRORS) before any run exists."""
+    return built(plan_job(cfg, runtime, sweep, client), runtime, sweep, devices)
 
 
-def sweep_context(seed: int) -> tracking.JobContext | None:
+def built(
+    planned: Plan,
+    runtime: Runtime,
+    sweep: tracking.JobContext | None = None,
+    devices: list[int] | None = None,
+) -> tuple[Job, Plan]:
+    """``planned``'s job: data, model and Trainer built and checked."""
+    threads = local.threads_per_job(runtime.parallel_jobs)
+    job = prepare(
+        planned.cfg, devices=devices, threads=threads, start=planned.start, logger=planned.logger
+    )
+    return job, with_experiment(planned, job, sweep)
+
+
+def with_experiment(plan: Plan, job: Job, sweep: tracking.JobContext | None) -> Plan:
+    """On global rank 0 of a single run, once every setting has passed its checks: the
+    experiment the run goes in, created when missing."""
+    if sweep is not None or plan.target is not None or job.trainer.global_rank != 0:
+        return plan
+    logger = plan.settings.logger
+    experiment_id = tracking.open_experiment(
+        plan.client, logger.experiment_name, logger.artifact_location
+    )
+    return dataclasses.replace(plan, experiment_id=experiment_id)
+
+
+def sweep_of(runtime: Runtime, seed: int) -> tracking.JobContext | None:
     """The sweep this job is part of; None for a single run."""
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        sweep_dir = hydra_cfg.sweep.dir
-    elif launch.SWEEP_DIR_ENV in os.environ:  # a sweep job started in its own process
-        sweep_dir = os.environ[launch.SWEEP_DIR_ENV]
-    else:
+    if runtime.sweep_dir is None:
         return None
-    sweep = tracking.job_context(sweep_dir, list(hydra_cfg.overrides.task), seed)
+    sweep = tracking.job_context(runtime.sweep_dir, runtime.overrides, seed)
     if sweep is None:  # Hydra reports a failing callback only as a warning
         fail(
             config.ConfigError(
-                f"no {tracking.SWEEP_FILE} in {sweep_dir}: the MLflow sweep callback "
+                f"no {tracking.SWEEP_FILE} in {runtime.sweep_dir}: the MLflow sweep callback "
                 "(hydra.callbacks.mlflow_sweep) did not set up this multirun; see its warning above"
             )
         )
     return sweep
 
 
-def run_sweep_job(cfg: DictConfig, sweep: tracking.JobContext) -> float:
-    """One job of a sweep: whatever fails is recorded as a FAILED child run, and the sweep
-    goes on (NaN is its result) unless ``sweep.fail_fast``. The store and the experiment
-    exist already (the sweep callback made them)."""
-    # Under Slurm every task of a job runs this; only the first talks to MLflow.
-    first_rank = rank_zero_only.rank == 0
-    client = tracking.connect(cfg.logger.tracking_uri) if first_rank else None
-    fail_fast = bool(OmegaConf.select(cfg, "sweep.fail_fast", default=False))
-    with placement(cfg) as devices:
-        try:
-            job = prepare(cfg, devices)
-            if job.settings.resume:
-                raise config.ConfigError(
-                    f"resume={job.settings.resume} continues one run; not part of a sweep (-m)"
-                )
-            continue_from(job, requeued_target(job, client, sweep.experiment_id))
-        except USER_ERRORS as error:
-            print(f"cnnlab: error: {one_line(error)}", file=sys.stderr)
-            if client is not None:
-                record_failure(client, sweep, error)
-            if fail_fast:
-                raise
-            return math.nan
-        try:
-            best_val = fit_or_delegate(job, client, sweep)
-        except NonFiniteLossError as error:
-            if fail_fast:
-                raise
-            print(f"cnnlab: error: {sweep.run_name}: {error} (recorded FAILED)", file=sys.stderr)
-            return math.nan
-        except Exception:
-            if fail_fast:
-                raise
-            log.exception("sweep job %s failed (recorded FAILED); sweep goes on", sweep.run_name)
-            return math.nan
-    if job.trainer.global_rank == 0:
-        launch.write_result(best_val)
-    return best_val
-
-
 @contextlib.contextmanager
-def placement(cfg: DictConfig) -> Iterator[list[int] | None]:
+def placement(runtime: Runtime, cfg: DictConfig) -> Iterator[list[int] | None]:
     """The GPU of a parallel local job (one job per GPU), or None: the config decides."""
-    hydra_cfg = HydraConfig.get()
-    if launch.parallel_jobs() > 1 and launch.wants_one_gpu(dict(cfg.trainer)):
-        lock_dir = Path(hydra_cfg.sweep.dir)
-        with launch.gpu_slot(lock_dir, torch.cuda.device_count(), hydra_cfg.job.num) as gpu:
+    if runtime.parallel_jobs > 1 and local.wants_one_gpu(dict(cfg.trainer)):
+        lock_dir = Path(runtime.sweep_dir or runtime.output_dir)
+        with local.gpu_slot(lock_dir, torch.cuda.device_count(), runtime.job_num) as gpu:
             yield [gpu]
     else:
         yield None
 
 
-def fit_or_delegate(job: Job, client: MlflowClient, sweep: tracking.JobContext) -> float:
-    """Train a sweep job here, or in its own process where Lightning would start the DDP
-    workers by re-running the command line (the whole sweep, under ``-m``)."""
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN and launch.needs_own_process(job.trainer):
-        return launch.run_in_own_process(
-            hydra_cfg.sweep.dir, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task)
+def fit_or_delegate(
+    job: Job, plan: Plan, runtime: Runtime, sweep: tracking.JobContext | None
+) -> float:
+    """Train the job here, or, for a sweep job whose DDP workers Lightning would start by
+    re-running the command line (the whole sweep, under ``-m``), in its own process."""
+    if sweep is not None and runtime.multirun and processes.needs_own_process(job.trainer):
+        return processes.run_in_own_process(
+            runtime.config_name, runtime.sweep_dir, runtime.output_dir, runtime.overrides
         )
-    return fit_and_record(job, client, sweep.experiment_id, sweep)
+    return fit_and_record(job, plan, runtime, sweep).best_val
 
 
-def record_failure(client: MlflowClient, sweep: tracking.JobContext, error: Exception) -> None:
-    """A FAILED child run for a job stopped before training: the sweep's table shows it."""
-    tags = sweep.tags() | {
-        "overrides": tracking.redact_uri(" ".join(HydraConfig.get().overrides.task))
-    }
-    name = tracking.unique_run_name(client, sweep.experiment_id, sweep.run_name)
+def fit_and_record(
+    job: Job, plan: Plan, runtime: Runtime, sweep: tracking.JobContext | None = None
+) -> FitResult:
+    """Train ``job``; only global rank 0 records it (a DDP worker has nothing to record)."""
+    if job.trainer.global_rank != 0:
+        return fit_and_test(job)
     try:
-        with tracking.TrackedRun(client, sweep.experiment_id, name, tags):
-            raise error
-    except type(error):
-        pass
+        return record_job(job, plan, runtime, sweep)
+    except SIGTERMException as error:  # the run is KILLED; exit as a terminated process does
+        received = job.interrupt.received if job.interrupt else None
+        raise SystemExit(128 + (received or signal.SIGTERM)) from error
+
+
+def record_job(
+    job: Job, plan: Plan, runtime: Runtime, sweep: tracking.JobContext | None
+) -> FitResult:
+    """Fit and test ``job`` in its run: a new one (a child of the sweep's parent for a sweep
+    job), or the one it continues; returns the best validation accuracy."""
+    client, target = plan.client, plan.target
+    experiment_id = target.run.info.experiment_id if target else plan.experiment_id
+    tracked = (
+        record.reopened_run(client, target, plan.identity.tags() if plan.identity else {})
+        if target
+        else new_run(job, plan, runtime, sweep)
+    )
+    with tracked as run:
+        plan.logger.open(run.run_id, experiment_id)
+        if target is None:
+            report = describe(job.net, job.spec)
+            resolved = OmegaConf.to_container(job.cfg, resolve=True, enum_to_str=True)
+            params = tracking.flatten_params(resolved) | facts(job, report)
+            record.record_setup(run, params, OmegaConf.to_yaml(job.cfg, resolve=True), report.table)
+        try:
+            result = fit_and_test(job)
+        except BaseException:
+            if job.interrupt is not None and job.interrupt.saved:
+                record.record_interruption(run, job.interrupt.ckpt_path, runtime.overrides)
+            raise
+        record_result(job, run, plan, result)
+        record.report_result(run, experiment_id, result.best_val, result.test_acc)
+    return result
+
+
+def new_run(
+    job: Job, plan: Plan, runtime: Runtime, sweep: tracking.JobContext | None
+) -> tracking.TrackedRun:
+    settings = job.settings
+    base_name = sweep.run_name if sweep else settings.logger.run_name or record.run_name(settings)
+    tags = record.run_tags(settings, runtime.overrides, runtime.output_dir)
+    tags |= plan.identity.tags() if plan.identity else {}
+    checkpoint = job.trainer.checkpoint_callback
+    if checkpoint is not None:
+        tags |= record.last_checkpoint_tag(
+            checkpoint.dirpath, bool(checkpoint.save_last), checkpoint.CHECKPOINT_NAME_LAST
+        )
+    return record.new_run(
+        plan.client, plan.experiment_id, base_name, tags | (sweep.tags() if sweep else {})
+    )
+
+
+def record_result(job: Job, run: tracking.TrackedRun, plan: Plan, result: FitResult) -> None:
+    final = {"time/fit_s": result.fit_seconds}
+    if not math.isnan(result.best_val):  # the checkpoint the test used: what a sweep compares
+        final["val/acc_best"] = result.best_val
+    record.record_result(
+        run, final, result.step, plan.logged, result.best_checkpoint, result.best_val
+    )
+    if job.settings.logger.pictures:
+        log_pictures(job, run)
+
+
+def log_pictures(job: Job, run: tracking.TrackedRun) -> None:
+    """Per-run pictures (cnnlab.pictures) of the tested model, under ``pictures/``."""
+    start = time.perf_counter()
+    job.trainer.logger.flush()  # every buffered metric in the store: the curves read it back
+    test = job.datamodule.test_set
+    images, labels = test.images[:PICTURE_IMAGES], test.labels[:PICTURE_IMAGES]
+    figures = pictures.for_run(
+        job.net.cpu(),
+        images,
+        job.datamodule.normalize(images),
+        labels,
+        job.datamodule.info.class_names,
+        record.metric_history(run, CURVES),
+        job.module.test_confusion_matrix,
+    )
+    record.record_figures(run, figures)
+    log.info("pictures drawn and logged in %.1f s", time.perf_counter() - start)
 
 
 @hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     return run(cfg)
 
 
 if __name__ == "__main__":
+    cli.check_flags(sys.argv[1:])
     main()

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cnnlab.checks import ConfigError
 from cnnlab.data.augment import AUGMENTATIONS
+from cnnlab.data.config import DataConfig
 from cnnlab.data.sources import ImageSet, dataset_info, load_splits
 
 
@@ -49,12 +50,15 @@ class EpochBatchSampler:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
-        start: int = 0,
+        resume_at: tuple[int, int] = (0, 0),
     ) -> None:
-        """``start``: batches of the first epoch already trained (a run resumed mid-epoch)."""
+        """``resume_at``: (epoch, batches of it already trained) of a run resumed mid-epoch;
+        the first pass over that epoch starts after them. Lightning may build the loader
+        before it restores the epoch (to count the run's steps), so the epoch is compared
+        when the pass begins, after ``set_epoch``."""
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.epoch, self.start = 0, start
+        self.epoch, self.resume_at = 0, resume_at
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -80,7 +84,9 @@ class EpochBatchSampler:
         if padding:
             order = torch.cat([order, order[:padding]])
         shard = order[self.rank :: self.world_size]
-        start, self.start = self.start, 0
+        resume_epoch, done = self.resume_at
+        start = done if self.epoch == resume_epoch else 0
+        self.resume_at = (0, 0)  # one pass only: the next epochs start at their beginning
         for batch in range(start, len(self)):
             yield shard[batch * self.batch_size : (batch + 1) * self.batch_size]
 
@@ -90,30 +96,24 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        name: str = "mnist",
-        root: str = "data",
-        source: str = "auto",
-        download: bool = True,
-        batch_size: int = 128,
-        eval_batch_size: int = 1024,
-        val_size: float = 0.1,
-        split_seed: int = 0,
-        augment: bool = False,
-        resident: bool = True,
+        config: DataConfig | None = None,
+        *,
         shuffle_seed: int = 0,
+        resume_at: tuple[int, int] = (0, 0),
     ) -> None:
-        """``resident``: on a GPU, the whole (uint8) dataset is copied there once and batches
-        are gathered there; otherwise each batch is copied from pinned host memory."""
+        """``shuffle_seed``: the training order's seed (the run's seed); ``resume_at``: the
+        (epoch, batches done in it) of the checkpoint a resumed run continues from, so that
+        the epoch goes on with the next batch."""
         super().__init__()
-        self.resident = resident
+        config = config or DataConfig()
+        self.config = config
         self._on_device: dict[tuple[int, str], ImageSet] = {}
-        self.info = dataset_info(name)
-        self.name, self.root, self.source, self.download = name, root, source, download
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.val_size, self.split_seed, self.shuffle_seed = val_size, split_seed, shuffle_seed
-        self.augment = AUGMENTATIONS[self.info.augmentation] if augment else None
+        self.info = dataset_info(config.name)
+        self.name, self.root, self.source = config.name, config.root, config.source.value
+        self.batch_size, self.eval_batch_size = config.batch_size, config.eval_batch_size
+        self.shuffle_seed, self.resume_at = shuffle_seed, resume_at
+        self.augment = AUGMENTATIONS[self.info.augmentation] if config.augment else None
         self.source_used: str | None = None
-        self.resume_batch = 0  # set by callbacks.ResumeState: the epoch goes on from here
         self.train_set: ImageSet | None = None
         self.val_set: ImageSet | None = None
         self.test_set: ImageSet | None = None
@@ -123,30 +123,31 @@ class ImageDataModule(L.LightningDataModule):
         self._scale, self._shift = 1 / (255 * std), -mean / std
 
     def prepare_data(self) -> None:
-        load_splits(self.name, self.root, self.source, self.download)
+        load_splits(self.name, self.root, self.source, self.config.download)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        splits = load_splits(self.name, self.root, self.source, self.download)
+        splits = load_splits(self.name, self.root, self.source, self.config.download)
         self.source_used = splits.source
         train_size = len(splits.train)
-        val_count = int(self.val_size) if self.val_size >= 1 else round(self.val_size * train_size)
+        val_size = self.config.val_size
+        val_count = int(val_size) if val_size >= 1 else round(val_size * train_size)
         if not 0 < val_count < train_size:
             raise ConfigError(
-                f"data.val_size={self.val_size:g} leaves {train_size - val_count} "
+                f"data.val_size={val_size:g} leaves {train_size - val_count} "
                 f"of {train_size} training images; valid: a count in "
                 f"[1, {train_size - 1}] or a fraction in (0, 1)"
             )
-        order = torch.randperm(train_size, generator=torch.Generator().manual_seed(self.split_seed))
+        order = torch.randperm(
+            train_size, generator=torch.Generator().manual_seed(self.config.split_seed)
+        )
         self.val_set = _subset(splits.train, order[:val_count])
         self.train_set = _subset(splits.train, order[val_count:])
         self.test_set = splits.test
 
     def train_dataloader(self) -> DataLoader:
-        # Lightning may build it more than once per fit (to count steps first): each gets
-        # the resume point; callbacks.ResumeState clears it when that epoch ends.
-        return self._loader(self.train_set, self.batch_size, shuffle=True, start=self.resume_batch)
+        return self._loader(self.train_set, self.batch_size, shuffle=True, resume_at=self.resume_at)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
@@ -155,7 +156,7 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
 
     def _loader(
-        self, data: ImageSet, batch_size: int, *, shuffle: bool, start: int = 0
+        self, data: ImageSet, batch_size: int, *, shuffle: bool, resume_at: tuple[int, int] = (0, 0)
     ) -> DataLoader:
         rank, world = 0, 1
         if self.trainer is not None:
@@ -167,11 +168,11 @@ class ImageDataModule(L.LightningDataModule):
             seed=self.shuffle_seed,
             rank=rank,
             world_size=world,
-            start=start,
+            resume_at=resume_at,
         )
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         accelerated = device is not None and device.type != "cpu"
-        if accelerated and self.resident:
+        if accelerated and self.config.resident:
             data = self._resident(data, device)
         # Its own generator: a DataLoader draws a worker seed from the global one each time it
         # is iterated, which would shift the dropout masks of a run resumed mid-epoch.
@@ -179,7 +180,7 @@ class ImageDataModule(L.LightningDataModule):
             TensorBatches(data),
             batch_size=None,
             sampler=sampler,
-            pin_memory=accelerated and not self.resident,
+            pin_memory=accelerated and not self.config.resident,
             generator=torch.Generator(),
         )
 

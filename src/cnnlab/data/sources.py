@@ -15,6 +15,8 @@ from torch import Tensor
 from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 
+from cnnlab.checks import lookup
+
 log = logging.getLogger(__name__)
 
 
@@ -140,9 +142,7 @@ class Splits:
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name]
+    return lookup("dataset", name, DATASETS, DataError)
 
 
 @functools.cache  # decoded once per process: jobs of an in-process sweep reuse it

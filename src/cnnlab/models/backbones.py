@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from cnnlab.checks import ConfigError
+from cnnlab.checks import ConfigError, lookup
 from cnnlab.models.heads import make_head
 from cnnlab.models.knobs import ModelConfig
-from cnnlab.models.layers import lookup, make_activation, make_conv
+from cnnlab.models.layers import make_activation, make_conv
 from cnnlab.models.pooling import POOLINGS, make_pooling
 from cnnlab.models.shapes import Window
 
@@ -128,7 +128,7 @@ PRESETS: dict[str, Preset] = {
 
 def preset(name: str, **overrides) -> ModelConfig:
     """The knobs of preset ``name`` with ``overrides`` applied."""
-    knobs = lookup("backbone", PRESETS, name).knobs
+    knobs = lookup("backbone", name, PRESETS).knobs
     return ModelConfig(name=name, **knobs | overrides)
 
 
@@ -188,7 +188,7 @@ def build_model(model: ModelConfig | str, data: InputSpec, **overrides) -> Net:
         ShapeError: a layer's output size is not a positive integer.
     """
     knobs = preset(model, **overrides) if isinstance(model, str) else model
-    stages = lookup("backbone", PRESETS, knobs.name).plan(knobs)
+    stages = lookup("backbone", knobs.name, PRESETS).plan(knobs)
     builder = _StageBuilder(knobs, data.channels, data.size)
     backbone = nn.Sequential(
         OrderedDict(
@@ -213,7 +213,7 @@ class _StageBuilder:
     def __init__(self, knobs: ModelConfig, channels: int, size: int) -> None:
         self.knobs, self.channels, self.size = knobs, channels, size
         self.sizes: list[tuple[str, int]] = []
-        lookup("pooling", POOLINGS, knobs.pooling)
+        lookup("pooling", knobs.pooling, POOLINGS)
 
     def _out(self, layer: str, window: Window) -> int:
         self.size = window.out_size(self.size, layer=layer, strict=self.knobs.strict_shapes)

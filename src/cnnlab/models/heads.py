@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from cnnlab.models.layers import lookup, make_activation
+from cnnlab.checks import lookup
+from cnnlab.models.layers import make_activation
 
 
 def _dropout(p: float) -> list[nn.Module]:
@@ -100,4 +101,4 @@ def make_head(
     dropout: float = 0.0,
     activation: str = "relu",
 ) -> nn.Module:
-    return lookup("head", HEADS, name)(channels, size, classes, hidden, dropout, activation)
+    return lookup("head", name, HEADS)(channels, size, classes, hidden, dropout, activation)

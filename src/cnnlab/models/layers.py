@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from cnnlab.checks import ConfigError
+from cnnlab.checks import ConfigError, lookup
 from cnnlab.models.shapes import Window
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -21,15 +21,8 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def lookup(kind: str, table: dict, name: str):
-    """``table[name]``, or a ConfigError naming ``name`` and every valid one."""
-    if name not in table:
-        raise ConfigError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(table))}")
-    return table[name]
-
-
 def make_activation(name: str) -> nn.Module:
-    return lookup("activation", ACTIVATIONS, name)()
+    return lookup("activation", name, ACTIVATIONS)()
 
 
 def _standard(c_in: int, c_out: int, window: Window, groups: int) -> nn.Module:
@@ -61,4 +54,4 @@ CONVS: dict[str, Callable[[int, int, Window, int], nn.Module]] = {
 
 
 def make_conv(kind: str, c_in: int, c_out: int, window: Window, groups: int = 1) -> nn.Module:
-    return lookup("conv", CONVS, kind)(c_in, c_out, window, groups)
+    return lookup("conv", kind, CONVS)(c_in, c_out, window, groups)

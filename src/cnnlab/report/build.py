@@ -72,6 +72,11 @@ def _facts(sweep: Sweep, score: str) -> list[str]:
     ]
     if parent.info.status == "RUNNING":
         facts.append("Partial: the sweep is still running; this report shows the jobs so far.")
+    elif parent.info.status == "KILLED":
+        facts.append(
+            "Stopped: the sweep ended before its last job (interrupted, or its process died); "
+            "this report shows the jobs it recorded."
+        )
     return facts
 
 

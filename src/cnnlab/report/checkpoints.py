@@ -1,9 +1,9 @@
 """A recorded run's trained model, rebuilt from its artifacts: the resolved config.yaml and
-the best checkpoint, loaded with ``weights_only=True`` (no code runs from the file)."""
+the best checkpoint the run names in its tag ``checkpoint.best``, loaded with
+``weights_only=True`` (no code runs from the file)."""
 
 from __future__ import annotations
 
-import re
 import tempfile
 
 import torch
@@ -13,22 +13,18 @@ from omegaconf import OmegaConf
 from cnnlab.checks import ConfigError
 from cnnlab.data.sources import DatasetInfo, dataset_info
 from cnnlab.models import InputSpec, ModelConfig, Net, build_model
-
-
-def _val_acc(path: str) -> float:
-    found = re.search(r"val_acc(\d+\.\d+)", path)
-    return float(found.group(1)) if found else -1.0
+from cnnlab.tracking.record import BEST_CHECKPOINT_TAG
 
 
 def load_run_model(client: MlflowClient, run_id: str) -> tuple[Net, DatasetInfo]:
     """The network of ``run_id`` with its best checkpoint's weights, in eval mode on CPU."""
     with tempfile.TemporaryDirectory() as folder:
         config_file = client.download_artifacts(run_id, "config.yaml", folder)
-        checkpoints = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
-        if not checkpoints:
-            raise ConfigError(f"run {run_id} has no checkpoint artifact to load")
-        # A resumed run may hold more than one: take the best (val_acc in the file name).
-        best = max(checkpoints, key=_val_acc)
+        best = client.get_run(run_id).data.tags.get(BEST_CHECKPOINT_TAG)
+        if not best:
+            raise ConfigError(
+                f"run {run_id} has no best checkpoint to load (no {BEST_CHECKPOINT_TAG} tag)"
+            )
         checkpoint_file = client.download_artifacts(run_id, best, folder)
         cfg = OmegaConf.load(config_file)
         state = torch.load(checkpoint_file, map_location="cpu", weights_only=True)

@@ -14,9 +14,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from cnnlab.checks import ConfigError
-from cnnlab.tracking.sweep import NOT_A_FACTOR, children_frame
+from cnnlab.tracking.runs import end_dead_runs
+from cnnlab.tracking.sweep import NOT_A_FACTOR, PARENT_ROLE, children_frame
 
-ROLE_FILTER = "tags.`cnnlab.role` = 'sweep'"
 # What a report compares per job, as MLflow columns -> short names.
 METRICS = {
     "metrics.test/acc": "test_acc",
@@ -58,7 +58,7 @@ def find_parent(client: MlflowClient, experiment: str | None, parent: str) -> tu
                 f"--experiment {experiment!r} is not in the store; valid: {', '.join(names)}"
             )
     ids = [e.experiment_id for e in experiments]
-    found = client.search_runs(ids, ROLE_FILTER, order_by=["attributes.start_time DESC"])
+    found = client.search_runs(ids, PARENT_ROLE, order_by=["attributes.start_time DESC"])
     if not found:
         where = f"experiment {experiment!r}" if experiment else "the store"
         raise ConfigError(f"no sweep in {where}: run one with python -m cnnlab.train -m ...")
@@ -69,6 +69,8 @@ def find_parent(client: MlflowClient, experiment: str | None, parent: str) -> tu
 def load_sweep(client: MlflowClient, experiment: str | None, parent: str = "latest") -> Sweep:
     name, parent_run = find_parent(client, experiment, parent)
     parent_id = parent_run.info.run_id
+    if parent_run.info.status == "RUNNING" and end_dead_runs(client, parent_run.info.experiment_id):
+        parent_run = client.get_run(parent_id)  # its sweep, or some of its jobs, died here
     frame = children_frame(client, parent_run.info.experiment_id, parent_id)
     tagged = parent_run.data.tags.get("cnnlab.factors", "").split(",")
     factors = [factor for factor in tagged if factor and factor not in NOT_A_FACTOR]

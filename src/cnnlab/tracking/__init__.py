@@ -1,32 +1,60 @@
-"""MLflow tracking: the only place besides the entry points that knows MLflow."""
+"""MLflow tracking: the only place that knows MLflow. The run's life cycle (runs), a store
+in trouble (retry), the metrics Lightning logs (logger), recording a job (record), finding
+what to resume (resume) and the sweep's parent run (sweep)."""
 
-from cnnlab.tracking.logger import BatchedMLFlowLogger
+from mlflow.exceptions import MlflowException
+
+from cnnlab.checks import redact_uri
+from cnnlab.tracking.logger import UNSENT_FILE, BatchedMLFlowLogger, send_unsent, unsent_steps
+from cnnlab.tracking.retry import StoreUnavailable
 from cnnlab.tracking.runs import (
     TrackedRun,
     connect,
+    end_dead_runs,
     flatten_params,
     git_state,
     logged_steps,
     open_experiment,
     package_versions,
-    redact_uri,
+    process_alive,
+    process_tags,
+    slurm_restarted,
     unique_run_name,
 )
-from cnnlab.tracking.sweep import SWEEP_FILE, JobContext, SweepCallback, job_context
+from cnnlab.tracking.sweep import (
+    SWEEP_FILE,
+    JobContext,
+    SweepCallback,
+    job_context,
+    write_outcome,
+)
+
+# What the store raises for a request it refuses (a user error: a bad name, a bad URI).
+USER_ERRORS = (MlflowException,)
 
 __all__ = [
     "SWEEP_FILE",
+    "UNSENT_FILE",
+    "USER_ERRORS",
     "BatchedMLFlowLogger",
     "JobContext",
+    "StoreUnavailable",
     "SweepCallback",
     "TrackedRun",
     "connect",
+    "end_dead_runs",
     "flatten_params",
     "git_state",
     "job_context",
     "logged_steps",
     "open_experiment",
     "package_versions",
+    "process_alive",
+    "process_tags",
     "redact_uri",
+    "send_unsent",
+    "slurm_restarted",
     "unique_run_name",
+    "unsent_steps",
+    "write_outcome",
 ]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import fcntl
 import importlib.metadata
+import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import traceback
@@ -20,20 +22,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+from sqlalchemy.exc import SQLAlchemyError
 
-from cnnlab.checks import ConfigError
+from cnnlab.checks import ConfigError, check_writable, redact_uri
+from cnnlab.tracking import retry
 
+log = logging.getLogger("cnnlab")
 PACKAGES = ("torch", "lightning", "torchvision", "torchmetrics", "mlflow", "hydra-core")
 MAX_TAG_CHARS = 5000  # the error tag keeps the start of a long message; the rest is an artifact
-
-
-def redact_uri(text: str) -> str:
-    """Mask the password of every ``scheme://user:password@host`` in ``text``, so that none
-    reaches a param, a tag or a log line."""
-    return _CREDENTIALS.sub(r"\1***@", text)
-
-
-_CREDENTIALS = re.compile(r"(\w[\w+.-]*://[^/:@\s]*:)[^@\s]*@")
 
 
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -72,19 +68,45 @@ def package_versions() -> dict[str, str]:
     return {f"version.{name}": importlib.metadata.version(name) for name in PACKAGES}
 
 
-def connect(tracking_uri: str) -> MlflowClient:
-    """A client whose store is ready. A fresh sqlite store is created under a file lock next
-    to it: processes that migrate one at the same time all crash ("table experiments already
-    exists", measured with MLflow 3) and can leave it half-migrated for good."""
+def connect(tracking_uri: str, retry_s: float = retry.DEFAULT_RETRY_S) -> MlflowClient:
+    """A client whose store is ready and readable, its calls retried for up to ``retry_s``
+    while the store is busy or unreachable (cnnlab.tracking.retry). A fresh sqlite store is
+    created under a file lock next to it: processes that migrate one at the same time all
+    crash ("table experiments already exists", measured with MLflow 3) and can leave it
+    half-migrated for good.
+
+    Raises:
+        ConfigError: the server does not answer, or the store cannot be opened or read.
+    """
+    where = redact_uri(tracking_uri)
+    retry.reset(where)
     if tracking_uri.startswith(("http://", "https://")):
         check_reachable(tracking_uri)
     database = sqlite_file(tracking_uri)
-    if database is None:
-        return MlflowClient(tracking_uri)
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{database}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        return MlflowClient(tracking_uri)  # opening the store creates and migrates it
+    try:
+        if database is None:
+            return _ready(retry.RetryingClient(tracking_uri, retry_s, where))
+        # sqlite writes its journal beside the database: a read-only folder fails every write
+        check_writable(
+            f"logger.tracking_uri={where}: the store's folder", database.parent,
+            "make it writable, or point logger.tracking_uri (MLFLOW_TRACKING_URI) elsewhere",
+        )  # fmt: skip
+        with open(f"{database}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            # opening the store creates and migrates it
+            return _ready(retry.RetryingClient(tracking_uri, retry_s, where))
+    except (SQLAlchemyError, MlflowException) as error:
+        raise ConfigError(
+            f"logger.tracking_uri={where}: the store cannot be opened "
+            f"({type(error).__name__}: {retry._first_line(error)}); restore it from a "
+            "backup, or point logger.tracking_uri (MLFLOW_TRACKING_URI) at another store"
+        ) from error
+
+
+def _ready(client: MlflowClient) -> MlflowClient:
+    """``client`` once its store answers a read (a corrupt sqlite file fails here)."""
+    client.search_experiments(max_results=1)
+    return client
 
 
 def check_reachable(tracking_uri: str, timeout_s: float = 10) -> None:
@@ -119,6 +141,13 @@ def open_experiment(client: MlflowClient, name: str, artifact_location: str | No
     together; a tracking server decides its own.
     """
     experiment = client.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise ConfigError(
+            f"logger.experiment_name={name}: experiment {experiment.experiment_id} of that name "
+            f"is in MLflow's trash in {redact_uri(client.tracking_uri)} (deleted, not purged); "
+            f"restore it (mlflow experiments restore --experiment-id "
+            f"{experiment.experiment_id}), purge it (mlflow gc), or choose another name"
+        )
     if experiment is not None:
         return experiment.experiment_id
     database = sqlite_file(client.tracking_uri)
@@ -137,18 +166,34 @@ def open_experiment(client: MlflowClient, name: str, artifact_location: str | No
 
 def unique_run_name(client: MlflowClient, experiment_id: str, base: str) -> str:
     """``base``, or ``base-2``, ``base-3``... when runs of that name exist already."""
-    taken = {
-        run.info.run_name
-        for run in client.search_runs(
-            [experiment_id], filter_string=f"attributes.run_name LIKE '{base}%'", max_results=5000
-        )
-    }
+    taken = run_names_like(client, experiment_id, base)
     if base not in taken:
         return base
     number = 2
     while f"{base}-{number}" in taken:
         number += 1
     return f"{base}-{number}"
+
+
+def run_names_like(client: MlflowClient, experiment_id: str, base: str) -> set[str]:
+    """The names of the experiment's runs that start with ``base``. MLflow's filter language
+    has no escape for a quote, so the store is asked for the part of ``base`` before the
+    first quote or backslash (``%`` and ``_`` only widen the LIKE) and the rest is compared
+    here; every page is read."""
+    prefix = re.split(r"['\"\\]", base, maxsplit=1)[0]
+    names: set[str] = set()
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=f"attributes.run_name LIKE '{prefix}%'",
+            max_results=5000,
+            page_token=token,
+        )
+        names |= {run.info.run_name for run in page if run.info.run_name.startswith(base)}
+        token = page.token
+        if not token:
+            return names
 
 
 class TrackedRun:
@@ -170,7 +215,10 @@ class TrackedRun:
 
     @classmethod
     def reopen(cls, client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> TrackedRun:
-        """An existing run, RUNNING again (resumed), with ``tags`` added or updated."""
+        """An existing run, RUNNING again (resumed), with ``tags`` added or updated and the
+        ``error`` of its interruption gone: a run that then finishes has none."""
+        if "error" in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, "error")
         client.update_run(run_id, status="RUNNING")
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
@@ -216,21 +264,105 @@ class TrackedRun:
         else:
             self._end_with_error("FAILED", f"{type(error).__name__}: {error}", kind, error, trace)
 
+    def end_failed(self, message: str) -> None:
+        """End the run FAILED with ``message`` as its error (a job refused before training)."""
+        self._end_with_error("FAILED", message)
+
     def _end_with_error(self, status: str, message: str, *exc_info) -> None:
-        """Record what went wrong, as far as the store lets us, then end the run anyway."""
+        """Record what went wrong, as far as the store lets us, then end the run anyway. A
+        store that is down gets the error that ended the run, not one about its end: the run
+        then stays RUNNING there until its death is noticed (tracking.end_dead_runs)."""
         try:
-            self.client.set_tag(self.run_id, "error", redact_uri(message)[:MAX_TAG_CHARS])
-            if exc_info:
-                text = redact_uri("".join(traceback.format_exception(*exc_info)))
-                self.client.log_text(self.run_id, text, "error/traceback.txt")
-        finally:
-            self.client.set_terminated(self.run_id, status)
+            try:
+                self.client.set_tag(self.run_id, "error", redact_uri(message)[:MAX_TAG_CHARS])
+                if exc_info:
+                    text = redact_uri("".join(traceback.format_exception(*exc_info)))
+                    self.client.log_text(self.run_id, text, "error/traceback.txt")
+            finally:
+                self.client.set_terminated(self.run_id, status)
+        except retry.StoreUnavailable as error:
+            log.warning("run %s could not be ended %s: %s", self.run_id, status, error)
 
 
 def logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
     """The last step logged for each metric of ``run_id``."""
     keys = client.get_run(run_id).data.metrics
     return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
+
+
+def process_tags() -> dict[str, str]:
+    """Who writes a run: host and pid, and the Slurm job, so that a run left RUNNING by a
+    process that died without a word (SIGKILL, power loss) is told apart from a live one."""
+    tags = {"cnnlab.host": socket.gethostname(), "cnnlab.pid": str(os.getpid())}
+    if "SLURM_JOB_ID" in os.environ:
+        tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
+        tags["slurm.restart_count"] = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return tags
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def slurm_restarted() -> bool:
+    """True in a Slurm job that Slurm has requeued and started again."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return "SLURM_JOB_ID" in os.environ and restarts.isdigit() and int(restarts) > 0
+
+
+def slurm_job_ended(job_id: str) -> bool:
+    """Whether Slurm says job ``job_id`` runs no more (False when it cannot say)."""
+    try:
+        squeue = subprocess.run(
+            ["squeue", "--noheader", "--jobs", job_id, "--format", "%T"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if squeue.returncode != 0:  # gone from the controller's memory altogether
+        return "Invalid job id" in squeue.stderr
+    return squeue.stdout.strip() in ("", "PENDING", "COMPLETED", "CANCELLED", "FAILED")
+
+
+def died_here(tags: Mapping[str, str]) -> bool:
+    """A run's process was on this host and is gone (a reused pid reads as alive: safe)."""
+    pid = tags.get("cnnlab.pid", "")
+    return (
+        tags.get("cnnlab.host") == socket.gethostname()
+        and pid.isdigit()
+        and not process_alive(int(pid))
+    )
+
+
+def end_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED (tag ``cnnlab.died``) each RUNNING run of the experiment whose process on
+    this host is gone; returns their ids. Runs of other hosts are left to their hosts."""
+    dead = [
+        run
+        for run in client.search_runs(
+            [experiment_id], "attributes.status = 'RUNNING'", max_results=5000
+        )
+        if died_here(run.data.tags)
+    ]
+    for run in dead:
+        client.set_tag(run.info.run_id, "cnnlab.died", "process gone while RUNNING")
+        client.set_terminated(run.info.run_id, "KILLED")
+    return [run.info.run_id for run in dead]
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where a person opens the run: the tracking server's page, or ``make ui``'s."""
+    if tracking_uri.startswith(("http://", "https://")):
+        where = redact_uri(tracking_uri.rstrip("/"))
+    else:
+        where = "make ui, then http://127.0.0.1:5000"
+    return f"{where}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def exit_on_sigterm(signum: int, frame: FrameType | None) -> None:

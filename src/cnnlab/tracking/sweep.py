@@ -10,26 +10,62 @@ the parent gets its summary and ends; an interrupted sweep leaves it KILLED.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import mlflow
 import pandas as pd
+from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.tracking.runs import connect, exit_on_sigterm, git_state, open_experiment, redact_uri
+from cnnlab.checks import ConfigError, fail, one_line, redact_uri
+from cnnlab.config import REPO_ROOT, to_settings
+from cnnlab.tracking import identity
+from cnnlab.tracking.continuation import SUPERSEDED_TAG, Action, Continuation, Decision, decide
+from cnnlab.tracking.runs import (
+    TrackedRun,
+    connect,
+    end_dead_runs,
+    exit_on_sigterm,
+    git_state,
+    open_experiment,
+    process_tags,
+    run_link,
+)
 
 SWEEP_FILE = "cnnlab_sweep.json"
+OUTCOME_FILE = "cnnlab_job.json"  # in each job's folder: what the job did (Action's value)
 NOT_A_FACTOR = {"seed"}  # repeats of one configuration, not a factor under study
+
+
+def write_outcome(output_dir: str, action: str) -> None:
+    """What this sweep job did, for the sweep's closing line (also from another machine)."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / OUTCOME_FILE).write_text(json.dumps({"action": action}))
+
+
+def outcomes(sweep_dir: Path) -> Counter[str]:
+    """How many of this start's jobs did what (trained, kept, resumed, retried, reused...)."""
+    found: Counter[str] = Counter()
+    for path in sweep_dir.rglob(OUTCOME_FILE):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            found[json.loads(path.read_text())["action"]] += 1
+    return found
 
 
 @dataclass(frozen=True)
@@ -55,6 +91,7 @@ class JobContext:
         return {
             "mlflow.parentRunId": self.parent_run_id,
             "group": self.group,
+            "seed": self.seed,  # with the group, the job: what a later child of it supersedes
             **{f"factor.{key}": value for key, value in self.factors.items()},
         }
 
@@ -95,12 +132,24 @@ def job_context(sweep_dir: str, task_overrides: list[str], seed: int) -> JobCont
     if not path.exists():
         return None
     sweep = json.loads(path.read_text())
+    return job_context_of(
+        sweep["factors"], task_overrides, seed, sweep["parent_run_id"], sweep["experiment_id"]
+    )
+
+
+def job_context_of(
+    factors: list[str],
+    task_overrides: list[str],
+    seed: int,
+    parent_run_id: str = "",
+    experiment_id: str = "",
+) -> JobContext:
     values = {
         o.key_or_group: o.get_value_element_as_str()
         for o in OverridesParser.create().parse_overrides(list(task_overrides))
     }
-    factors = {key: values[key] for key in sweep["factors"] if key in values}
-    return JobContext(sweep["parent_run_id"], sweep["experiment_id"], factors, str(seed))
+    chosen = {key: values[key] for key in factors if key in values}
+    return JobContext(parent_run_id, experiment_id, chosen, str(seed))
 
 
 def children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
@@ -109,92 +158,207 @@ def children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str)
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(client.tracking_uri)
     try:
-        return mlflow.search_runs(
+        frame = mlflow.search_runs(
             [experiment_id],
             filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
             order_by=["attributes.start_time ASC"],
         )
     finally:
         mlflow.set_tracking_uri(previous)
+    superseded = f"tags.{SUPERSEDED_TAG}"  # a job run again counts once, as its newest child
+    return frame[frame[superseded].isna()] if superseded in frame else frame
+
+
+SAID = [action.value for action in Action]  # the closing line's counts, in this order
+PARENT_ROLE = "tags.`cnnlab.role` = 'sweep'"
+
+
+def grid_of(config: DictConfig) -> tuple[dict[str, str], list[str]]:
+    """The grid as it runs (:func:`effective_grid`) and its factors."""
+    params = config.hydra.sweeper.get("params")
+    grid = effective_grid(
+        config.hydra.overrides.task, OmegaConf.to_container(params) if params else {}
+    )
+    return grid, factors_of(grid)
+
+
+def find_parent(client: MlflowClient, experiment_id: str, which: str) -> Run:
+    """The parent run ``sweep.resume=which`` names in the experiment: an id, or ``latest``."""
+    if which == "latest":
+        found = client.search_runs(
+            [experiment_id], PARENT_ROLE, order_by=["attributes.start_time DESC"], max_results=1
+        )
+        if not found:
+            raise ConfigError(
+                "sweep.resume=latest: this experiment has no sweep to continue; "
+                "run the sweep without sweep.resume"
+            )
+        return found[0]
+    try:
+        run = client.get_run(which)
+    except MlflowException:
+        run = None
+    if (
+        run is None
+        or run.data.tags.get("cnnlab.role") != "sweep"
+        or (run.info.experiment_id != experiment_id)
+    ):
+        raise ConfigError(
+            f"sweep.resume={which}: not the parent run of a sweep in experiment {experiment_id} "
+            f"of {redact_uri(client.tracking_uri)}; valid: a sweep's parent run id, or latest"
+        )
+    return run
+
+
+def grid_jobs(config: DictConfig) -> list[list[str]]:
+    """Each job's overrides, as Hydra's basic sweeper makes them (the grid's product)."""
+    target = str(config.hydra.sweeper.get("_target_", ""))
+    if not target.endswith("BasicSweeper"):
+        raise ConfigError(
+            f"sweep.dry_run=true lists the jobs of a grid (hydra/sweeper=grid); {target} "
+            "chooses its jobs as it goes"
+        )
+    params = config.hydra.sweeper.get("params") or {}
+    lines = [f"{key}={value}" for key, value in params.items()]
+    parsed = OverridesParser.create().parse_overrides([*lines, *config.hydra.overrides.task])
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def dry_run(client: MlflowClient, config: DictConfig) -> NoReturn:
+    """``sweep.dry_run=true``: each job and what it would do (tracking.continuation),
+    counted; nothing is created and nothing trains. Exits 0."""
+    experiment = client.get_experiment_by_name(config.logger.experiment_name)
+    parent = None
+    if config.sweep.resume and experiment is not None:
+        parent = find_parent(client, experiment.experiment_id, str(config.sweep.resume))
+    _, factors = grid_of(config)
+    code = identity.code_version(REPO_ROOT, dirty_is_commit=config.sweep.ignore_dirty)
+    said: Counter[str] = Counter()
+    for overrides in grid_jobs(config):
+        cfg = compose(config.hydra.job.config_name, overrides=overrides)
+        cfg.paths.output_dir = "(dry run)"  # Hydra's runtime gives each job its folder
+        name = job_context_of(factors, overrides, cfg.seed).run_name
+        try:
+            to_settings(cfg)
+        except ConfigError as error:
+            said["refused"] += 1
+            print(f"refused   {name}: {one_line(error)}")
+            continue
+        decision = Decision(Action.train)
+        if experiment is not None:
+            how = Continuation.of(parent.info.run_id if parent else None, cfg.sweep, cfg.trainer)
+            config_hash = identity.of_job(cfg, code).config_hash
+            decision = decide(client, experiment.experiment_id, config_hash, how)
+        said[decision.action.value] += 1
+        run = f" (run {decision.run.info.run_id})" if decision.run is not None else ""
+        print(f"{decision.action.value:9} {name}{run}")
+    counts = ", ".join(f"{count} {action}" for action, count in said.items())
+    print(f"dry run: {sum(said.values())} jobs would be: {counts}; nothing was trained", flush=True)
+    sys.exit(0)
 
 
 class SweepCallback(Callback):
+    """The sweep's parent run, from before the first job to its summary after the last.
+
+    Hydra reports a callback's exception only as a warning and goes on (the sweep would exit
+    0 with its parent left unsummarized), so every error here ends the process in one line:
+    exit 2 for a store or setting the user must fix, 1 for anything else.
+    """
+
     def __init__(self) -> None:
         self.client: MlflowClient | None = None
         self.parent_run_id: str | None = None
+        self.experiment_id = ""
+        self.sweep_dir: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        logger = config.logger
-        self.client = connect(logger.tracking_uri)
-        # The store and the experiment are created here, once: several processes migrating
-        # a fresh sqlite store at the same time crash and leave it broken.
-        experiment_id = open_experiment(
-            self.client, logger.experiment_name, logger.artifact_location
-        )
-        params = config.hydra.sweeper.get("params")
-        grid = effective_grid(
-            config.hydra.overrides.task, OmegaConf.to_container(params) if params else {}
-        )
-        factors = factors_of(grid)
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        tags = {
-            "cnnlab.role": "sweep",
-            "cnnlab.sweep_dir": str(sweep_dir),
-            "cnnlab.grid": json.dumps(grid),
-            "cnnlab.factors": ",".join(factors),
-            "cnnlab.launcher": str(config.hydra.launcher.get("_target_")),
-            "cnnlab.command": redact_uri(" ".join(["python -m cnnlab.train", *sys.argv[1:]])),
-            **git_state(Path(config.paths.root_dir)),
-        }
-        name = f"sweep-{logger.experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        parent = self.client.create_run(experiment_id, run_name=name, tags=tags)
-        self.parent_run_id = parent.info.run_id
-        (sweep_dir / SWEEP_FILE).write_text(
-            json.dumps(
-                {
-                    "parent_run_id": self.parent_run_id,
-                    "experiment_id": experiment_id,
-                    "factors": factors,
-                }
-            )
-        )
-        atexit.register(self._end, "KILLED")  # interrupted: never left RUNNING
-        signal.signal(signal.SIGTERM, exit_on_sigterm)
+        try:
+            self._open(config)
+        except (ConfigError, MlflowException) as error:  # a store or setting to fix
+            fail(error)
+        except Exception as error:
+            self._abort("setting up the sweep", error)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        failed = self._summarize(Path(config.hydra.sweep.dir))
-        self._end("FINISHED")
-        if failed:
+        try:
+            counts = self._summarize()
+            # A sweep none of whose jobs finished produced nothing to compare: it failed.
+            self._end("FAILED" if counts.total and not counts.finished else "FINISHED")
+        except Exception as error:
+            self._abort("summarizing the sweep", error)
+        print(self._closing_lines(counts), flush=True)
+        if counts.failed:
             print(
-                f"cnnlab: {failed} sweep job(s) FAILED; see the parent run "
+                f"cnnlab: {counts.failed} sweep job(s) FAILED; see the parent run "
                 f"{self.parent_run_id} and its jobs.csv",
                 file=sys.stderr,
             )
             sys.exit(1)
 
-    def _summarize(self, sweep_dir: Path) -> int:
+    def _open(self, config: DictConfig) -> None:
+        logger = config.logger
+        self.client = connect(logger.tracking_uri, logger.retry_s)
+        if config.sweep.dry_run:
+            dry_run(self.client, config)  # lists the jobs and exits
+        # The store and the experiment are created here, once: several processes migrating
+        # a fresh sqlite store at the same time crash and leave it broken.
+        self.experiment_id = open_experiment(
+            self.client, logger.experiment_name, logger.artifact_location
+        )
+        end_dead_runs(self.client, self.experiment_id)  # earlier sweeps killed outright
+        grid, factors = grid_of(config)
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        tags = {
+            "cnnlab.role": "sweep",
+            "cnnlab.sweep_dir": str(self.sweep_dir),
+            "cnnlab.grid": json.dumps(grid),
+            "cnnlab.factors": ",".join(factors),
+            "cnnlab.launcher": str(config.hydra.launcher.get("_target_")),
+            "cnnlab.command": redact_uri(" ".join(["python -m cnnlab.train", *sys.argv[1:]])),
+            **process_tags(),
+            **git_state(Path(config.paths.root_dir)),
+        }
+        if config.sweep.resume:
+            self.parent_run_id = self._reopen(str(config.sweep.resume), tags)
+        else:
+            name = f"sweep-{logger.experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            parent = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+            self.parent_run_id = parent.info.run_id
+        sweep = {"parent_run_id": self.parent_run_id, "experiment_id": self.experiment_id}
+        (self.sweep_dir / SWEEP_FILE).write_text(json.dumps(sweep | {"factors": factors}))
+        atexit.register(self._interrupted)  # never left RUNNING
+        signal.signal(signal.SIGTERM, exit_on_sigterm)
+
+    def _reopen(self, which: str, tags: dict[str, str]) -> str:
+        """``sweep.resume=<parent | latest>``: that parent, RUNNING again with this start's
+        grid, folder and process; its old summary is replaced at the end."""
+        parent = find_parent(self.client, self.experiment_id, which)
+        run_id = parent.info.run_id
+        if parent.info.status == "RUNNING":  # end_dead_runs left it: its process lives
+            tags_now = parent.data.tags
+            where = f"pid {tags_now.get('cnnlab.pid')} on {tags_now.get('cnnlab.host')}"
+            raise ConfigError(f"sweep.resume={which}: sweep {run_id} is still running ({where})")
+        TrackedRun.reopen(self.client, run_id, tags)  # as a resumed run: error tag gone
+        print(f"continuing sweep {parent.info.run_name} (parent run {run_id}, "
+              f"{parent.info.status} until now)", flush=True)  # fmt: skip
+        return run_id
+
+    def _summarize(self) -> JobCounts:
         """Tag the parent with the jobs' outcome and the best group; attach jobs.csv."""
         client, parent = self.client, self.parent_run_id
-        experiment_id = client.get_run(parent).info.experiment_id
-        jobs = children_frame(client, experiment_id, parent)
-        finished = int((jobs["status"] == "FINISHED").sum()) if len(jobs) else 0
-        failed = len(jobs) - finished
+        jobs = children_frame(client, self.experiment_id, parent)
+        counts = JobCounts.of(jobs)
         summary = {
-            "jobs.total": str(len(jobs)),
-            "jobs.finished": str(finished),
-            "jobs.failed": str(failed),
+            "jobs.total": str(counts.total),
+            "jobs.finished": str(counts.finished),
+            "jobs.failed": str(counts.failed),
         }
-        score = "metrics.val/acc_best"
-        done = jobs[jobs["status"] == "FINISHED"] if score in jobs else jobs.iloc[:0]
-        scores = done.dropna(subset=[score])  # a finished run without it is not compared
-        if len(scores):
-            means = scores.groupby("tags.group")[score].agg(["mean", "count"])
-            best = means["mean"].idxmax()
+        if counts.best_group is not None:
             summary |= {
-                "best.group": best,
-                "best.val_acc_mean": f"{means.loc[best, 'mean']:.4f}",
-                "best.n": str(int(means.loc[best, "count"])),
+                "best.group": counts.best_group,
+                "best.val_acc_mean": f"{counts.best_mean:.4f}",
+                "best.n": str(counts.best_n),
             }
         for key, value in summary.items():
             client.set_tag(parent, key, value)
@@ -203,14 +367,85 @@ class SweepCallback(Callback):
             jobs.to_csv(path, index=False)
             client.log_artifact(parent, str(path))
         # Optimizing sweepers (Optuna) write their best parameters here.
-        optimized = sweep_dir / "optimization_results.yaml"
+        optimized = self.sweep_dir / "optimization_results.yaml"
         if optimized.exists():
             client.log_artifact(parent, str(optimized))
-        return failed
+        return counts
+
+    def _closing_lines(self, counts: JobCounts) -> str:
+        did = outcomes(self.sweep_dir)
+        lines = [
+            f"sweep done: parent run {self.parent_run_id}: {counts.total} jobs, "
+            f"{counts.finished} finished, {counts.failed} failed",
+            "this start: "
+            + ", ".join(f"{did[action]} {action}" for action in SAID[:5])
+            + "".join(f", {did[action]} {action}" for action in SAID[5:] if did[action]),
+        ]
+        if counts.best_group is not None:
+            lines.append(
+                f"best group: {counts.best_group or '(one configuration)'}, mean val/acc_best "
+                f"{counts.best_mean:.2%} over {counts.best_n} run(s)"
+            )
+        link = run_link(self.client.tracking_uri, self.experiment_id, self.parent_run_id)
+        lines += [f'report: make report ARGS="--parent {self.parent_run_id}"', f"open it: {link}"]
+        return "\n".join(lines)
+
+    def _interrupted(self) -> None:
+        """At exit before the sweep's end (Ctrl-C, SIGTERM, a job's error under fail_fast):
+        the summary of the jobs so far, as far as the store allows, and KILLED."""
+        with contextlib.suppress(Exception):
+            self._summarize()
+        with contextlib.suppress(Exception):
+            self._end("KILLED")
+
+    def _abort(self, doing: str, error: Exception) -> NoReturn:
+        """One line and exit 1: the parent ends FAILED with the error, where it exists."""
+        message = f"{doing} failed: {type(error).__name__}: {one_line(error)}"
+        if self.client is not None and self.parent_run_id is not None:
+            with contextlib.suppress(Exception):
+                self.client.set_tag(self.parent_run_id, "error", redact_uri(message)[:5000])
+                self._end("FAILED")
+        print(f"cnnlab: error: {redact_uri(message)}", file=sys.stderr)
+        sys.exit(1)
 
     def _end(self, status: str) -> None:
         if self.client is None or self.parent_run_id is None:
             return
         if self.client.get_run(self.parent_run_id).info.status == "RUNNING":
             self.client.set_terminated(self.parent_run_id, status)
-        atexit.unregister(self._end)
+        atexit.unregister(self._interrupted)
+
+
+SCORE = "metrics.val/acc_best"  # what a sweep compares: the tested checkpoint's accuracy
+
+
+@dataclass(frozen=True)
+class JobCounts:
+    """The jobs' outcome, and the group of the best mean score among the finished ones."""
+
+    total: int
+    finished: int
+    best_group: str | None = None
+    best_mean: float = float("nan")
+    best_n: int = 0
+
+    @property
+    def failed(self) -> int:
+        return self.total - self.finished
+
+    @classmethod
+    def of(cls, jobs: pd.DataFrame) -> JobCounts:
+        if not len(jobs):
+            return cls(0, 0)
+        done = jobs[jobs["status"] == "FINISHED"]
+        finished = len(done)
+        if SCORE not in done or "tags.group" not in done:  # no job got as far as a score
+            return cls(len(jobs), finished)
+        scores = done.dropna(subset=[SCORE])  # a finished run without it is not compared
+        if not len(scores):
+            return cls(len(jobs), finished)
+        means = scores.groupby("tags.group")[SCORE].agg(["mean", "count"])
+        best = means["mean"].idxmax()
+        return cls(
+            len(jobs), finished, best, float(means.loc[best, "mean"]), int(means.loc[best, "count"])
+        )

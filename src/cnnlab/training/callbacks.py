@@ -14,9 +14,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
+
+from cnnlab.training import compat
 
 
 class EpochSpeed(L.Callback):
@@ -28,6 +30,10 @@ class EpochSpeed(L.Callback):
     def __init__(self) -> None:
         self._start = self._end = 0.0
         self._images = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Resumed mid-epoch, Lightning calls no on_train_epoch_start: the clock starts here.
+        self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start, self._images = time.perf_counter(), 0
@@ -48,18 +54,28 @@ class EpochSpeed(L.Callback):
 
 
 class ResumeState(L.Callback):
-    """Saved in every checkpoint: the MLflow run it belongs to, where in the epoch training
-    stood, and the random number generators' states, so that a resumed run continues in the
-    same MLflow run with the next batch and the same dropout masks as an uninterrupted one
-    (the data order is seeded per epoch already)."""
+    """Saved in every checkpoint: the MLflow run it belongs to (its logger's run), where in
+    the epoch training stood, the fit's time so far, and the random number generators'
+    states, so that a resumed run continues in the same MLflow run with the next batch and
+    the same dropout masks as an uninterrupted one (the data order is seeded per epoch).
 
-    def __init__(self) -> None:
-        self.run_id = ""  # set once the run exists
+    What a resume starts from is read from the checkpoint before anything is built
+    (:func:`cnnlab.training.job.start_from`) and handed to the builders; loading the
+    checkpoint here restores only the random number generators.
+    """
+
+    def __init__(self, fit_seconds_before: float = 0.0) -> None:
+        # Seconds of trainer.fit in the run's earlier starts, up to the checkpoint this one
+        # resumes from: time/fit_s is the whole fit's time across resumes.
+        self.fit_seconds_before = fit_seconds_before
+        self._fit_start: float | None = None
         self._trainer: L.Trainer | None = None
         self._batch_start_rng: Tensor | None = None  # set while a training batch runs
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        if stage == "fit":  # before the checkpoint is loaded
+            self._fit_start = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # A checkpoint taken inside this batch (an interruption) redoes it from its start.
@@ -71,8 +87,9 @@ class ResumeState(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         _, keys, position, has_gauss, gauss = np.random.get_state()
         state = {
-            "mlflow_run_id": self.run_id,
+            "mlflow_run_id": self._run_id(),
             "batches_done": self._batches_done(),
+            "fit_seconds": self.fit_seconds,
             "torch": self._batch_start_rng if self._batch_start_rng is not None
             else torch.get_rng_state(),
             "python": random.getstate(),
@@ -84,16 +101,27 @@ class ResumeState(L.Callback):
             state["cuda"] = torch.cuda.get_rng_state()
         return state
 
+    def _run_id(self) -> str:
+        logger = self._trainer.logger if self._trainer is not None else None
+        return str(logger.run_id or "") if isinstance(logger, MLFlowLogger) else ""
+
+    @property
+    def fit_seconds(self) -> float:
+        """trainer.fit's time in all the run's starts, up to now."""
+        return self.fit_seconds_before + self._seconds_fitting()
+
+    def _seconds_fitting(self) -> float:
+        return 0.0 if self._fit_start is None else time.perf_counter() - self._fit_start
+
     def _batches_done(self) -> int:
         """Training batches done in the current epoch; 0 once the epoch is complete."""
         trainer = self._trainer
         if trainer is None:
             return 0
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        done = compat.batches_done(trainer)
         return done if done < trainer.num_training_batches else 0
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.run_id = state_dict["mlflow_run_id"]
         torch.set_rng_state(state_dict["torch"])
         random.setstate(state_dict["python"])
         numpy = state_dict["numpy"]
@@ -103,15 +131,6 @@ class ResumeState(L.Callback):
         )
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state(state_dict["cuda"])
-        trainer = self._trainer
-        datamodule = trainer.datamodule if trainer is not None else None
-        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
-        if fitting and hasattr(datamodule, "resume_batch"):  # mid-epoch: on with the next batch
-            datamodule.resume_batch = state_dict.get("batches_done", 0)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if hasattr(trainer.datamodule, "resume_batch"):
-            trainer.datamodule.resume_batch = 0  # the resumed epoch is done
 
 
 class InterruptCheckpoint(L.Callback):
@@ -141,11 +160,10 @@ class InterruptCheckpoint(L.Callback):
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        connector = getattr(self._trainer, "_signal_connector", None)
-        if self.received is not None or connector is None:  # asked twice: stop now
+        # Asked twice, or no way to ask Lightning to stop after the batch: stop now.
+        if self.received is not None or not compat.stop_after_batch(self._trainer):
             raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-        self.received = signum
-        connector.received_sigterm = True  # Lightning raises SIGTERMException after the batch
+        self.received = signum  # Lightning raises SIGTERMException after the batch
         print(f"\n{signal.Signals(signum).name}: stopping after this batch "
               "(again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
 

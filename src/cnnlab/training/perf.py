@@ -8,7 +8,8 @@ algorithms: a few forward/backward passes of a copy of the model in each format,
 kept and remembered for that model, input shape and machine (in this process and in
 ``~/.cache/cnnlab/perf.json``). On a GPU channels_last is taken without measuring (tensor
 cores want it under bf16); with ``trainer.deterministic=true``, contiguous (a choice made
-by the clock would not repeat).
+by the clock would not repeat). Under DDP rank 0 decides and the other ranks take its choice:
+DDP refuses a model whose strides differ between ranks.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor, nn
+
+from cnnlab.training import compat
 
 log = logging.getLogger("cnnlab")
 
@@ -121,13 +124,24 @@ class FastPath(L.Callback):
         if self.requested == "auto" and torch.are_deterministic_algorithms_enabled():
             self.memory_format = "contiguous"  # a choice by the clock would not repeat
         elif self.requested == "auto":
-            self.memory_format = faster_format(pl_module.net, _probe_batch(trainer), device)
+            self.memory_format = _decided_by_rank_zero(trainer, pl_module.net, device)
         else:
             self.memory_format = self.requested
         pl_module.memory_format = MEMORY_FORMATS[self.memory_format]
         pl_module.net.to(memory_format=pl_module.memory_format)
-        if self.compile and getattr(pl_module.net, "_compiled_call_impl", None) is None:
+        if self.compile and not compat.is_compiled(pl_module.net):
             pl_module.net.compile(mode=self.compile_mode)  # state_dict keys stay as they are
+
+
+def _decided_by_rank_zero(trainer: L.Trainer, net: nn.Module, device: torch.device) -> str:
+    """The faster format as rank 0 finds it, for every rank: each rank timing on its own
+    clock can choose differently, and DDP then refuses the model (its parameters' strides
+    must match across ranks). Runs after the process group is set up and before the
+    strategy wraps the model; with one process the broadcast hands the choice back."""
+    choice = None
+    if trainer.global_rank == 0:  # the others neither measure nor write the cache
+        choice = faster_format(net, _probe_batch(trainer), device)
+    return trainer.strategy.broadcast(choice, src=0)
 
 
 def _probe_batch(trainer: L.Trainer) -> Tensor:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from cnnlab.training import compat
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -74,7 +77,7 @@ class Classifier(L.LightningModule):
         read from its logger connector: there is no public one)."""
         if self._trainer is None:
             return True
-        return self.trainer._logger_connector.should_update_logs
+        return compat.should_update_logs(self.trainer)
 
     def _non_finite(self, loss: Tensor) -> bool:
         """NaN or infinite here or, under DDP, on any rank: all ranks stop together."""
@@ -109,6 +112,30 @@ class Classifier(L.LightningModule):
         self.log(f"{stage}/acc", accuracy, batch_size=len(labels), prog_bar=True)
         return logits
 
+    def _scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int | None):
+        if total_steps is None:
+            return self.scheduler_factory(optimizer)
+        return self.scheduler_factory(optimizer, total_steps=total_steps)
+
+    def on_train_start(self) -> None:
+        """A run resumed to train longer (a larger ``trainer.max_epochs``) restored a schedule
+        planned for its first length, which OneCycleLR refuses to step past: plan it again
+        for the whole new length, at the step the run has reached."""
+        planned = int(self.trainer.estimated_stepping_batches)
+        for scheduler_config in self.trainer.lr_scheduler_configs:
+            restored = scheduler_config.scheduler
+            if getattr(restored, "total_steps", planned) < planned:
+                scheduler_config.scheduler = self._replanned(restored, planned)
+
+    def _replanned(self, restored, total_steps: int):
+        optimizer = restored.optimizer
+        with warnings.catch_warnings():  # stepped here without an optimizer step, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler = self._scheduler(optimizer, total_steps)
+            for _ in range(restored.last_epoch):
+                scheduler.step()
+        return scheduler
+
     def configure_optimizers(self):
         return self.optimization(int(self.trainer.estimated_stepping_batches))
 
@@ -122,15 +149,19 @@ class Classifier(L.LightningModule):
             return {"optimizer": optimizer}
         wants_length = "total_steps" in inspect.signature(self.scheduler_factory).parameters
         try:
-            if wants_length:
-                scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
-            else:
-                scheduler = self.scheduler_factory(optimizer)
-        except ZeroDivisionError as error:  # OneCycleLR: a warm-up phase of zero steps
-            raise ValueError(
-                f"the scheduler cannot plan a run of {total_steps} steps ({error}); "
-                "train for more steps or change its pct_start"
-            ) from error
+            scheduler = self._scheduler(optimizer, total_steps if wants_length else None)
+        except ZeroDivisionError:
+            # OneCycleLR divides by its warm-up's length, which is zero when pct_start *
+            # total_steps is exactly 1 (a 4-step smoke test at the default 0.25). Planned one
+            # step longer, the run ends a step short of the cycle's end: harmless on a run
+            # that short, and better than a crash.
+            try:
+                scheduler = self._scheduler(optimizer, total_steps + 1)
+            except ZeroDivisionError as error:
+                raise ValueError(
+                    f"the scheduler cannot plan a run of {total_steps} steps ({error}); "
+                    "train for more steps or change its pct_start"
+                ) from error
         interval = "step" if wants_length else "epoch"
         schedule = {"scheduler": scheduler, "interval": interval, "monitor": "val/loss"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}

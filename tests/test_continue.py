@@ -1,0 +1,408 @@
+"""Sweeps that continue and reuse: a job's identity, what a job does with the runs of its
+identity, ``sweep.resume``, ``sweep.reuse`` and ``sweep.dry_run`` (README "Continue a sweep")."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from cnnlab import train
+from cnnlab.report.collect import load_sweep
+from cnnlab.tracking import identity
+from cnnlab.tracking.continuation import (
+    REUSED_TAG,
+    SUPERSEDED_TAG,
+    Action,
+    Continuation,
+    decide,
+    reproducible,
+)
+from cnnlab.tracking.identity import HASH_TAG
+from cnnlab.tracking.record import new_run
+from cnnlab.tracking.sweep import children_frame
+from tests.conftest import REPO, cnnlab_train, compose_train, only_run
+from tests.test_faults import _wait_for
+
+# Each changes what a run measures: each gives another identity.
+DECIDING = [
+    "model.pooling=avg",
+    "model=alexnet_small",
+    "model.head=gap",
+    "model.batchnorm=false",
+    "model.dropout=0.3",
+    "data=fashion_mnist",
+    "data.source=bundled",
+    "data.batch_size=32",
+    "data.val_size=0.2",
+    "data.split_seed=1",
+    "data.augment=true",
+    "optimizer.lr=0.01",
+    "scheduler.pct_start=0.3",
+    "trainer.max_epochs=3",
+    "trainer.precision=bf16-mixed",
+    "trainer.limit_train_batches=7",
+    "trainer.gradient_clip_val=1.0",
+    "callbacks.model_checkpoint.monitor=val/loss",
+    "seed=1",
+    "label_smoothing=0.1",
+    "test=false",
+]
+# Each leaves what a run measures as it is: each keeps the identity (tracking.identity).
+NOT_DECIDING = [
+    "paths.log_dir=/elsewhere",
+    "paths.output_dir=/elsewhere/run",
+    "logger.tracking_uri=http://127.0.0.1:1",
+    "logger.experiment_name=other",
+    "logger.flush_every_s=1",
+    "logger.retry_s=5",
+    "logger.pictures=false",
+    "resume=abc",
+    "sweep.fail_fast=true",
+    "sweep.resume=latest",
+    "sweep.reuse=true",
+    "sweep.dry_run=true",
+    "task_name=other",
+    "perf.memory_format=contiguous",
+    "perf.compile=true",
+    "perf.matmul_precision=highest",
+    "data.root=/elsewhere",
+    "data.download=false",
+    "data.eval_batch_size=64",
+    "data.resident=false",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=true",
+    "callbacks.model_checkpoint.dirpath=/elsewhere",
+    "callbacks.model_checkpoint.filename=x",
+    "callbacks.learning_rate_monitor.logging_interval=step",
+    "callbacks.progress_bar.refresh_rate=1",
+]
+
+
+def _hash(tmp_path: Path, *overrides: str) -> str:
+    return identity.of_job(compose_train(list(overrides), tmp_path), code="c").config_hash
+
+
+@pytest.mark.parametrize("override", DECIDING)
+def test_what_decides_a_result_is_in_the_identity(tmp_path: Path, override: str) -> None:
+    assert _hash(tmp_path, override) != _hash(tmp_path)
+
+
+@pytest.mark.parametrize("override", NOT_DECIDING)
+def test_what_does_not_decide_a_result_is_left_out(tmp_path: Path, override: str) -> None:
+    assert _hash(tmp_path, override) == _hash(tmp_path)
+
+
+def test_every_setting_left_out_is_tested_and_documented() -> None:
+    tested = {o.partition("=")[0] for o in NOT_DECIDING}
+    for key in identity.NOT_DECIDING:
+        assert any(t == key or t.startswith(f"{key}.") for t in tested), key
+    readme = (REPO / "README.md").read_text()
+    for key in identity.NOT_DECIDING:
+        assert f"`{key}`" in readme, key
+
+
+def test_the_code_version_is_the_commit_and_an_edit_is_another(tmp_path: Path) -> None:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    commit = git("rev-parse", "HEAD")
+    assert identity.code_version(tmp_path) == commit
+    (tmp_path / "a.py").write_text("x = 2\n")
+    edited = identity.code_version(tmp_path)
+    assert edited.startswith(f"{commit}+dirty.") and edited == identity.code_version(tmp_path)
+    (tmp_path / "a.py").write_text("x = 3\n")
+    assert identity.code_version(tmp_path) not in (commit, edited)
+    assert identity.code_version(tmp_path, dirty_is_commit=True) == commit
+    (tmp_path / "untracked.txt").write_text("notes")  # not code the run imports
+    (tmp_path / "a.py").write_text("x = 1\n")
+    assert identity.code_version(tmp_path) == commit
+
+
+def _store(tmp_path: Path) -> tuple[MlflowClient, str, str]:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("tests")
+    parent = client.create_run(experiment, tags={"cnnlab.role": "sweep"}).info.run_id
+    return client, experiment, parent
+
+
+def _child(client, experiment, parent, status, config_hash="h", **tags) -> str:
+    tags = {HASH_TAG: config_hash, "mlflow.parentRunId": parent, **tags}
+    run = client.create_run(experiment, tags=tags).info.run_id
+    client.log_metric(run, "val/acc_best", 0.5)
+    if status != "RUNNING":
+        client.set_terminated(run, status)
+    return run
+
+
+def test_a_job_keeps_a_finished_child_and_runs_a_failed_one_again(tmp_path: Path) -> None:
+    client, experiment, parent = _store(tmp_path)
+    how = Continuation(parent)
+    assert decide(client, experiment, "h", how).action is Action.train
+    failed = _child(client, experiment, parent, "FAILED", error="boom")
+    retry = decide(client, experiment, "h", how)
+    assert retry.action is Action.retry and retry.run.info.run_id == failed and retry.trains
+    skip = decide(client, experiment, "h", Continuation(parent, retry_failed=False))
+    assert skip.action is Action.skip and not skip.trains
+    client.set_tag(failed, SUPERSEDED_TAG, "later")  # run again: out of the picture
+    assert decide(client, experiment, "h", how).action is Action.train
+    finished = _child(client, experiment, parent, "FINISHED")
+    kept = decide(client, experiment, "h", how)
+    assert kept.action is Action.kept and kept.run.info.run_id == finished
+    assert kept.score == 0.5 and not kept.trains
+    assert decide(client, experiment, "other", how).action is Action.train
+
+
+def test_a_killed_child_continues_from_its_whole_checkpoint(tmp_path: Path) -> None:
+    client, experiment, parent = _store(tmp_path)
+    last = tmp_path / "last.ckpt"
+    killed = _child(client, experiment, parent, "KILLED", **{"checkpoint.last": str(last)})
+    # Killed before its first checkpoint: nothing to continue, so a new child.
+    assert decide(client, experiment, "h", Continuation(parent)).action is Action.retry
+    torch.save({"callbacks": {"ResumeState": {"mlflow_run_id": killed}}}, last)
+    resumed = decide(client, experiment, "h", Continuation(parent))
+    assert resumed.action is Action.resume and resumed.target.checkpoint == last.resolve()
+
+
+def test_a_child_left_running_is_continued_when_its_process_is_gone(tmp_path: Path) -> None:
+    client, experiment, parent = _store(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = _child(client, experiment, parent, "RUNNING", "live", **_process(os.getpid()))
+    assert decide(client, experiment, "live", Continuation(parent)).action is Action.running
+    client.set_terminated(alive, "KILLED")
+    _child(client, experiment, parent, "RUNNING", "dead", **_process(gone.pid))
+    # No checkpoint: run again (a whole one would be continued, as for KILLED).
+    assert decide(client, experiment, "dead", Continuation(parent)).action is Action.retry
+
+
+def _process(pid: int) -> dict[str, str]:
+    return {"cnnlab.host": socket.gethostname(), "cnnlab.pid": str(pid)}
+
+
+def test_reuse_takes_a_finished_run_of_another_study_at_its_origin(tmp_path: Path) -> None:
+    client, experiment, parent = _store(tmp_path)
+    other = client.create_run(experiment, tags={"cnnlab.role": "sweep"}).info.run_id
+    origin = _child(client, experiment, other, "FINISHED")
+    assert decide(client, experiment, "h", Continuation(parent)).action is Action.train
+    reused = decide(client, experiment, "h", Continuation(parent, reuse=True))
+    assert reused.action is Action.reuse and reused.run.info.run_id == origin
+    copy = _child(client, experiment, other, "FINISHED", **{REUSED_TAG: origin})
+    again = decide(client, experiment, "h", Continuation(parent, reuse=True))
+    assert again.run.info.run_id == origin and copy != origin
+
+
+def test_reuse_is_off_where_a_run_would_not_repeat_its_result() -> None:
+    assert reproducible({"accelerator": "cpu", "deterministic": False})
+    assert reproducible({"accelerator": "gpu", "deterministic": True})
+    assert reproducible({"accelerator": "gpu", "deterministic": False}) is (
+        not torch.cuda.is_available()
+    )
+
+
+SMALL_SWEEP = [
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "logger.pictures=false",
+    "logger.flush_every_s=0",
+]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+            "MLFLOW_EXPERIMENT_NAME": "sweep"}  # fmt: skip
+
+
+def test_a_dry_run_lists_the_jobs_and_creates_nothing(tmp_path: Path) -> None:
+    shown = cnnlab_train(
+        "-m", "model.pooling=max,avg", "seed=0,1,2", "optimizer.lr=0.01,-1",
+        "sweep.dry_run=true", f"paths.log_dir={tmp_path}/logs", env=_env(tmp_path),
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert "dry run: 12 jobs would be: 6 trained, 6 refused; nothing was trained" in shown.stdout
+    assert re.search(r"refused +pooling=max-lr=-1-s0: optimizer.lr", shown.stdout), shown.stdout
+    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    assert client.get_experiment_by_name("sweep") is None
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["sweep.resume=nosuchrun"], "sweep.resume=nosuchrun: not the parent run of a sweep"),
+        (["sweep.resume=latest"], "sweep.resume=latest: this experiment has no sweep"),
+        (["hparams_search=lenet_optuna", "sweep.dry_run=true"], "lists the jobs of a grid"),
+    ],
+)
+def test_a_sweep_that_cannot_continue_says_why_in_one_line(
+    tmp_path: Path, overrides: list[str], says: str
+) -> None:
+    result = cnnlab_train(
+        "-m", "seed=0,1", *overrides, f"paths.log_dir={tmp_path}/logs", env=_env(tmp_path)
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cnnlab: error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert says in errors[0] and "Traceback" not in result.stderr
+    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("sweep")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])
+
+
+def _sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return cnnlab_train(
+        "-m", *SMALL_SWEEP, *overrides, f"paths.log_dir={tmp_path}/logs", env=_env(tmp_path)
+    )
+
+
+def _runs(tmp_path: Path) -> tuple[MlflowClient, list, list]:
+    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("cnnlab.role") == "sweep"]
+    return client, parents, [r for r in runs if r not in parents]
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_continues_grows_and_is_reused(tmp_path: Path) -> None:
+    grid = ["model.pooling=max,avg", "seed=0,1", "trainer.max_epochs=6"]
+    env = {**os.environ, **_env(tmp_path), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "cnnlab.train", "-m", *SMALL_SWEEP, *grid,
+               f"paths.log_dir={tmp_path}/logs"]  # fmt: skip
+    sweep = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_for(lambda: _third_job_has_checkpoint(tmp_path), "the third job's checkpoints", 600)
+        os.killpg(sweep.pid, signal.SIGKILL)
+        sweep.wait(timeout=60)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    continued = _sweep(tmp_path, *grid, "sweep.resume=latest")
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert "this start: 1 trained, 2 kept, 1 resumed, 0 retried, 0 reused" in continued.stdout
+    client, parents, children = _runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {r.info.status for r in children} == {"FINISHED"} and len(children) == 4
+    assert {r.info.run_name for r in children} == {
+        f"pooling={p}-s{s}" for p in ("max", "avg") for s in (0, 1)
+    }
+    resumed = [r for r in children if "cnnlab.resumed_from" in r.data.tags]
+    assert [r.info.run_name for r in resumed] == ["pooling=avg-s0"]
+    for run in children:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert sorted(steps) == list(range(18)), run.info.run_name  # 6 epochs x 3, each once
+    # One more seed: only its two jobs train, in the same parent.
+    grown = _sweep(tmp_path, *grid[:1], "seed=0,1,2", grid[2], "sweep.resume=latest")
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    assert "this start: 2 trained, 4 kept, 0 resumed" in grown.stdout
+    client, parents, children = _runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 6
+    report = load_sweep(client, "sweep", parents[0].info.run_id)
+    assert report.finished.groupby("group").size().to_dict() == {
+        "model.pooling=avg": 3, "model.pooling=max": 3,
+    }  # fmt: skip
+    # The same study again, reusing: nothing trains and it finds the same numbers.
+    again = _sweep(tmp_path, *grid[:1], "seed=0,1,2", grid[2], "sweep.reuse=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "this start: 0 trained, 0 kept, 0 resumed, 0 retried, 6 reused" in again.stdout
+    client, parents, children = _runs(tmp_path)
+    first, second = sorted(parents, key=lambda r: r.info.start_time)
+    reused = load_sweep(client, "sweep", second.info.run_id)
+    assert reused.finished.groupby("group")["val_acc"].mean().to_dict() == (
+        report.finished.groupby("group")["val_acc"].mean().to_dict()
+    )
+    assert (
+        client.get_run(second.info.run_id).data.tags["best.val_acc_mean"]
+        == (client.get_run(first.info.run_id).data.tags["best.val_acc_mean"])
+    )
+
+
+def _third_job_has_checkpoint(tmp_path: Path) -> bool:
+    """The third job (pooling=avg, seed 0) has validated twice: a whole checkpoint exists."""
+    try:
+        client, _, children = _runs(tmp_path)
+    except Exception:  # the store or the experiment is still being made
+        return False
+    third = [r for r in children if r.info.run_name == "pooling=avg-s0"]
+    if not third:
+        return False
+    return len(client.get_metric_history(third[0].info.run_id, "val/acc")) >= 2
+
+
+@pytest.mark.slow
+def test_a_joblib_sweep_that_grows_trains_only_its_new_jobs(tmp_path: Path) -> None:
+    joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.max_epochs=1"]
+    first = _sweep(tmp_path, *joblib, "model.head=fc,gap")
+    assert first.returncode == 0, first.stderr[-3000:]
+    grown = _sweep(tmp_path, *joblib, "model.head=fc,gap", "seed=0,1", "sweep.resume=latest")
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    assert "this start: 2 trained, 2 kept" in grown.stdout
+    _, parents, children = _runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 4
+    assert {r.info.status for r in children} == {"FINISHED"}
+
+
+def test_cfg_under_multirun_points_to_the_dry_run(tmp_path: Path) -> None:
+    shown = cnnlab_train("-m", "seed=0,1", "--cfg", "job", env=_env(tmp_path))
+    assert shown.returncode == 2 and "Traceback" not in shown.stderr, shown.stderr[-3000:]
+    assert shown.stderr.strip().splitlines() == [
+        "cnnlab: error: --cfg and --info show one job's config, not a sweep's: add "
+        "sweep.dry_run=true to -m to list the jobs and what each would do, or drop -m to see "
+        "one job's config"
+    ]
+
+
+def test_every_run_records_its_identity(small_cfg, tracking_uri: str) -> None:
+    cfg = small_cfg(["seed=3"])
+    train.run(cfg)
+    _, run = only_run(tracking_uri)
+    assert run.data.tags[HASH_TAG] == identity.of_job(cfg).config_hash
+    assert run.data.tags["cnnlab.code_version"] == identity.of_job(cfg).code
+
+
+def test_a_sweep_still_running_is_not_continued_twice(tmp_path: Path) -> None:
+    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    experiment = client.create_experiment("sweep")
+    alive = _process(os.getpid())  # this test's own process: alive
+    parent = client.create_run(experiment, tags={"cnnlab.role": "sweep", **alive}).info.run_id
+    result = cnnlab_train(
+        "-m", "seed=0,1", f"sweep.resume={parent}", f"paths.log_dir={tmp_path}/logs",
+        env=_env(tmp_path),
+    )  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cnnlab: error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert f"sweep.resume={parent}: sweep {parent} is still running (pid {os.getpid()}" in errors[0]
+    assert client.get_run(parent).info.status == "RUNNING"
+    assert len(client.search_runs([experiment])) == 1
+
+
+def test_a_jobs_new_child_supersedes_its_earlier_ones_in_the_parent(tmp_path: Path) -> None:
+    client, experiment, parent = _store(tmp_path)
+    job = {"mlflow.parentRunId": parent, "group": "model.pooling=max", "seed": "0"}
+    earlier = _child(client, experiment, parent, "FINISHED", "old", **job)
+    other_seed = _child(client, experiment, parent, "FINISHED", "o", **(job | {"seed": "1"}))
+    with new_run(client, experiment, "pooling=max-s0", job | {HASH_TAG: "new"}) as run:
+        pass
+    assert client.get_run(earlier).data.tags[SUPERSEDED_TAG] == run.run_id
+    assert SUPERSEDED_TAG not in client.get_run(other_seed).data.tags
+    assert SUPERSEDED_TAG not in client.get_run(run.run_id).data.tags
+    # Out of the parent's jobs: the summary and the report see the new child alone.
+    frame = children_frame(client, experiment, parent)
+    assert sorted(frame["run_id"]) == sorted([other_seed, run.run_id])
