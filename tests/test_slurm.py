@@ -16,7 +16,7 @@ from mlflow.entities import Run
 
 from cnnlab import train
 from cnnlab.checks import ConfigError
-from cnnlab.resume import find_target
+from cnnlab.tracking.resume import find_target, mark_died
 from tests.conftest import REPO, only_run, run_sweep
 from tests.slurm_cluster import SlurmCluster, Unavailable
 
@@ -130,15 +130,25 @@ def _wait_for_step(client: MlflowClient, process: subprocess.Popen, step: int) -
 
 def _start_when_requeued(job_id: str, env: dict[str, str]) -> None:
     """Slurm holds a requeued job back for a while (its begin time, a couple of minutes);
-    start it as soon as it is back in the queue, as an administrator would."""
-    deadline = time.monotonic() + 120
+    start it as soon as it is back in the queue, as an administrator would. The job's
+    ``Restarts`` count says it was requeued, so a job that Slurm started again between two
+    looks still counts; the bound is generous, a loaded machine takes its time to stop a job."""
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        if _squeue_state(job_id, env) == "PENDING":
+        job = _job_fields(job_id, env)
+        if int(job.get("Restarts", "0")) >= 1:
+            if job.get("JobState") in ("RUNNING", "COMPLETED"):
+                return  # started again
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
-                           env=env, check=True, timeout=30)  # fmt: skip
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"Slurm job {job_id} was not requeued")
+                           env=env, check=False, timeout=30)  # fmt: skip
+        time.sleep(1)
+    raise AssertionError(f"Slurm job {job_id} was not requeued: {_job_fields(job_id, env)}")
+
+
+def _job_fields(job_id: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    shown = subprocess.run(["scontrol", "--oneliner", "show", "job", job_id], env=env,
+                           capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+    return dict(field.split("=", 1) for field in shown.split() if "=" in field)
 
 
 def test_a_run_left_running_on_another_host_resumes_once_its_slurm_job_ended(
@@ -159,7 +169,11 @@ def test_a_run_left_running_on_another_host_resumes_once_its_slurm_job_ended(
     done = _sbatch("true")
     client.set_tag(run_id, "slurm.job_id", done)
     _wait_while(done, "PENDING", "RUNNING", "COMPLETING")
-    assert find_target(client, run_id).run_id == run_id
+    target = find_target(client, run_id)
+    assert target.run_id == run_id
+    assert target.died == f"Slurm job {done} no longer running"
+    assert client.get_run(run_id).info.status == "RUNNING"  # finding it writes nothing
+    mark_died(client, target)  # what a resume that goes ahead does
     marked = client.get_run(run_id)
     assert marked.info.status == "KILLED"
     assert marked.data.tags["cnnlab.died"] == f"Slurm job {done} no longer running"
@@ -174,7 +188,7 @@ def _sbatch(script: str) -> str:
 
 
 def _wait_while(job_id: str, *states: str) -> None:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300
     while _squeue_state(job_id) in states:
         assert time.monotonic() < deadline, f"Slurm job {job_id} stays {states}"
         time.sleep(0.5)
@@ -183,3 +197,18 @@ def _wait_while(job_id: str, *states: str) -> None:
 def _squeue_state(job_id: str, env: dict[str, str] | None = None) -> str:
     return subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format", "%T"], env=env,
                           capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip
+
+
+def test_a_slurm_sweep_that_grows_trains_only_its_new_job(slurm, tmp_path: Path) -> None:
+    # Every DDP task of a job decides alike from the store: kept jobs start no training.
+    ddp = ["hydra/launcher=slurm", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    first, *_ = run_sweep(tmp_path, *ddp, "seed=0", env=slurm)
+    assert first.returncode == 0, first.stderr[-3000:]
+    grown, _, parent, children = run_sweep(
+        tmp_path, *ddp, "seed=0,1", "sweep.resume=latest", env=slurm
+    )
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    assert "this start: 1 trained, 1 kept, 0 resumed" in grown.stdout
+    assert sorted(r.info.run_name for r in children) == ["s0", "s1"]
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert parent.data.tags["jobs.finished"] == "2"
