@@ -244,26 +244,43 @@ def test_a_dry_run_lists_the_jobs_and_creates_nothing(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def _store_with(tmp_path: Path, given: str) -> None:
+    """A store holding nothing, an experiment "sweep" without a sweep, or no store at all."""
+    if given == "no store":
+        return
+    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    client.create_experiment("other")
+    if given == "a single run":
+        client.create_run(client.create_experiment("sweep"), run_name="single")
+
+
 @pytest.mark.parametrize(
-    ("overrides", "says"),
+    ("given", "overrides", "says"),
     [
-        (["sweep.resume=nosuchrun"], "sweep.resume=nosuchrun: not the parent run of a sweep"),
-        (["sweep.resume=latest"], "sweep.resume=latest: this experiment has no sweep"),
-        (["hparams_search=lenet_optuna", "sweep.dry_run=true"], "lists the jobs of a grid"),
+        ("a single run", ["sweep.resume=nosuchrun"], "sweep.resume=nosuchrun: not the parent "),
+        ("a single run", ["sweep.resume=latest"], "sweep.resume=latest: this experiment has no"),
+        ("no store", ["sweep.resume=latest"], "sweep.resume=latest: no MLflow store at "),
+        ("no store", ["sweep.resume=latest", "sweep.dry_run=true"], "no MLflow store at "),
+        ("an empty store", ["sweep.resume=latest"], "no experiment 'sweep' in sqlite:///"),
+        ("no store", ["hparams_search=lenet_optuna", "sweep.dry_run=true"], "lists the jobs of"),
     ],
 )
 def test_a_sweep_that_cannot_continue_says_why_in_one_line(
-    tmp_path: Path, overrides: list[str], says: str
+    tmp_path: Path, given: str, overrides: list[str], says: str
 ) -> None:
+    _store_with(tmp_path, given)
     result = cnnlab_train(
         "-m", "seed=0,1", *overrides, f"paths.log_dir={tmp_path}/logs", env=_env(tmp_path)
     )
     errors = [line for line in result.stderr.splitlines() if line.startswith("cnnlab: error:")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
     assert says in errors[0] and "Traceback" not in result.stderr
+    if given == "no store" and "sweep.resume=latest" in overrides:
+        assert not (tmp_path / "mlflow.db").exists()  # nothing to continue: nothing created
     client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("sweep")
-    assert experiment is None or not client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    assert [r.info.run_name for r in runs] == (["single"] if given == "a single run" else [])
 
 
 def _sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -332,6 +349,60 @@ def test_a_killed_sweep_continues_grows_and_is_reused(tmp_path: Path) -> None:
         client.get_run(second.info.run_id).data.tags["best.val_acc_mean"]
         == (client.get_run(first.info.run_id).data.tags["best.val_acc_mean"])
     )
+    # Both studies pooled: each reused copy counts once, as the run that trained it.
+    both = load_sweep(client, "sweep", f"{first.info.run_id},{second.info.run_id}")
+    assert set(both.finished["run_id"]) == set(report.finished["run_id"])
+    assert both.finished.groupby("group").size().to_dict() == {
+        "model.pooling=avg": 3, "model.pooling=max": 3,
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_continued_sweep_killed_while_reopening_and_between_jobs_still_finishes(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL a continued sweep just after it reopened its parent, then again once a job of
+    it finished: each later ``sweep.resume=latest`` goes on, and the study ends whole."""
+    first = _sweep(tmp_path, "seed=0,1", "trainer.max_epochs=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    grown = ["seed=0,1,2,3", "trainer.max_epochs=1", "sweep.resume=latest"]
+
+    def parent_running() -> bool:
+        _, parents, _ = _runs(tmp_path)
+        return parents[0].info.status == "RUNNING"
+
+    def seed_2_finished() -> bool:
+        _, _, children = _runs(tmp_path)
+        return any(r.info.run_name == "s2" and r.info.status == "FINISHED" for r in children)
+
+    for killed_when, what in ((parent_running, "the parent reopened"), (seed_2_finished, "s2")):
+        _kill_when(tmp_path, grown, killed_when, what)
+        client, parents, _ = _runs(tmp_path)
+        assert [p.info.status for p in parents] == ["RUNNING"]  # left so by the SIGKILL
+    done = _sweep(tmp_path, *grown)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, parents, _ = _runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    jobs = children_frame(client, parents[0].info.experiment_id, parents[0].info.run_id)
+    assert sorted(jobs["tags.mlflow.runName"]) == ["s0", "s1", "s2", "s3"]  # each seed once
+    assert set(jobs["status"]) == {"FINISHED"}
+    assert parents[0].data.tags["jobs.finished"] == "4"
+    for run_id in jobs["run_id"]:
+        steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+        assert sorted(steps) == list(range(3)), run_id  # 1 epoch of 3 steps, each once
+
+
+def _kill_when(tmp_path: Path, overrides: list[str], condition, what: str) -> None:
+    env = {**os.environ, **_env(tmp_path), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "cnnlab.train", "-m", *SMALL_SWEEP, *overrides,
+               f"paths.log_dir={tmp_path}/logs"]  # fmt: skip
+    sweep = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_for(condition, what, 600, every=0.1)
+    finally:
+        os.killpg(sweep.pid, signal.SIGKILL)
+        sweep.wait(timeout=60)
 
 
 def _third_job_has_checkpoint(tmp_path: Path) -> bool:
@@ -374,13 +445,32 @@ def test_every_run_records_its_identity(small_cfg, tracking_uri: str) -> None:
     train.run(cfg)
     _, run = only_run(tracking_uri)
     assert run.data.tags[HASH_TAG] == identity.of_job(cfg).config_hash
+    assert run.data.tags[identity.GROUP_TAG] == identity.of_job(cfg).group_hash
     assert run.data.tags["cnnlab.code_version"] == identity.of_job(cfg).code
 
 
-def test_a_sweep_still_running_is_not_continued_twice(tmp_path: Path) -> None:
+def test_the_group_identity_is_the_identity_but_the_seed(tmp_path: Path) -> None:
+    def of(*overrides: str) -> identity.Identity:
+        return identity.of_job(compose_train(list(overrides), tmp_path), code="c")
+
+    seeds = of("seed=1"), of("seed=2")
+    assert seeds[0].config_hash != seeds[1].config_hash
+    assert seeds[0].group_hash == seeds[1].group_hash
+    assert of("seed=1", "model.pooling=avg").group_hash != seeds[0].group_hash
+    assert identity.identity(compose_train(["seed=1"], tmp_path), "d").group_hash != (
+        seeds[0].group_hash
+    )  # another code version is another group
+
+
+@pytest.mark.parametrize("where", ["here", "elsewhere"])
+def test_a_sweep_still_running_is_not_continued_twice(tmp_path: Path, where: str) -> None:
+    """A parent RUNNING with a live process here, or RUNNING on another host (whose process
+    cnnlab cannot see), is refused and left as it was."""
     client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
     experiment = client.create_experiment("sweep")
     alive = _process(os.getpid())  # this test's own process: alive
+    if where == "elsewhere":
+        alive["cnnlab.host"] = "node-elsewhere"
     parent = client.create_run(experiment, tags={"cnnlab.role": "sweep", **alive}).info.run_id
     result = cnnlab_train(
         "-m", "seed=0,1", f"sweep.resume={parent}", f"paths.log_dir={tmp_path}/logs",
@@ -388,7 +478,12 @@ def test_a_sweep_still_running_is_not_continued_twice(tmp_path: Path) -> None:
     )  # fmt: skip
     errors = [line for line in result.stderr.splitlines() if line.startswith("cnnlab: error:")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
-    assert f"sweep.resume={parent}: sweep {parent} is still running (pid {os.getpid()}" in errors[0]
+    says = {
+        "here": f"sweep {parent} is still running (pid {os.getpid()})",
+        "elsewhere": f"sweep {parent} is RUNNING on host node-elsewhere (pid {os.getpid()}); "
+        "continue it there",
+    }
+    assert f"sweep.resume={parent}: {says[where]}" in errors[0]
     assert client.get_run(parent).info.status == "RUNNING"
     assert len(client.search_runs([experiment])) == 1
 

@@ -21,6 +21,8 @@ from cnnlab.checks import ConfigError
 from cnnlab.report import build_report, load_sweep
 from cnnlab.report import stats as report_stats
 from cnnlab.report.checkpoints import load_run_model
+from cnnlab.tracking.continuation import REUSED_TAG
+from cnnlab.tracking.identity import CODE_TAG, GROUP_TAG, HASH_TAG
 from tests.conftest import REPO, only_run, run_cli, run_sweep
 
 # head -> final test accuracy of each seed; nin has one FAILED run besides.
@@ -209,6 +211,89 @@ def test_a_missing_store_is_an_error_not_a_new_store(tmp_path: Path) -> None:
     )
     assert result.returncode == 2 and "no MLflow store at" in result.stderr
     assert not store.exists()
+
+
+def _study_parent(client: MlflowClient, experiment_id: str, factors: str) -> str:
+    tags = {"cnnlab.role": "sweep", "cnnlab.factors": factors, "cnnlab.grid": "{}"}
+    return client.create_run(experiment_id, run_name=f"sweep-{factors}", tags=tags).info.run_id
+
+
+def _study_child(client, experiment_id, parent, head, seed, *, swept, code="c1", **tags) -> str:
+    """A job of a head study as cnnlab records it: its identity tags from head, seed, code;
+    its factor tags only where its sweep swept the head."""
+    run = client.create_run(
+        experiment_id,
+        run_name=f"head={head}-s{seed}",
+        tags={
+            "mlflow.parentRunId": parent,
+            "group": f"model.head={head}" if swept else "",
+            HASH_TAG: f"{head}/{seed}/{code}",
+            GROUP_TAG: f"{head}/{code}",
+            CODE_TAG: code,
+            **({"factor.model.head": head} if swept else {}),
+            **tags,
+        },
+    )
+    client.log_param(run.info.run_id, "model/head", head)
+    client.log_metric(run.info.run_id, "val/acc_best", 0.9 + seed / 100)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def test_pooled_sweeps_group_by_configuration_not_by_the_group_tag(client) -> None:
+    """Sweep A swept the head (seed 0); sweep B ran gap alone for seeds 0 and 1, reusing A's
+    seed 0. Pooled: gap has both seeds, A's run counted once (not B's copy of it)."""
+    experiment_id = client.create_experiment("study")
+    a, b = (_study_parent(client, experiment_id, factors) for factors in ("model.head", ""))
+    fc = _study_child(client, experiment_id, a, "fc", 0, swept=True)
+    gap = _study_child(client, experiment_id, a, "gap", 0, swept=True)
+    _study_child(client, experiment_id, b, "gap", 0, swept=False, **{REUSED_TAG: gap})
+    gap1 = _study_child(client, experiment_id, b, "gap", 1, swept=False)
+    sweep = load_sweep(client, "study", f"{a},{b}")
+    assert [p.info.run_id for p in sweep.parents] == [a, b] and sweep.factors == ["model.head"]
+    groups = sweep.finished.groupby("group")["run_id"].apply(set).to_dict()
+    assert groups == {"model.head=fc": {fc}, "model.head=gap": {gap, gap1}}
+    assert list(sweep.jobs["model.head"]) == ["fc", "gap", "gap"]
+
+
+def test_pooling_sweeps_of_different_configurations_is_refused(client) -> None:
+    experiment_id = client.create_experiment("study")
+    a, b = (_study_parent(client, experiment_id, factors) for factors in ("model.head", ""))
+    _study_child(client, experiment_id, a, "gap", 0, swept=True)
+    _study_child(client, experiment_id, b, "gap", 1, swept=False, code="c2")
+    with pytest.raises(ConfigError, match=r"group model\.head=gap holds runs of different "
+                       r"configurations \(they differ in cnnlab\.code_version\)"):  # fmt: skip
+        load_sweep(client, "study", f"{a},{b}")
+
+
+def test_pooling_needs_runs_that_carry_their_identity(client) -> None:
+    first, second = record_sweep(client, "one"), record_sweep(client, "two")
+    with pytest.raises(
+        ConfigError, match=r"has no cnnlab\.group_hash tag .* report its sweep alone"
+    ):
+        load_sweep(client, None, f"{first},{second}")
+    child = client.search_runs([client.get_experiment_by_name("one").experiment_id],
+                               "tags.group = 'model.head=fc'")[0].info.run_id  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"--parent {child}: run .* is not a sweep's parent"):
+        load_sweep(client, None, child)
+    for named in (f"{first},latest", f"{first},{first}", f"{first},"):
+        with pytest.raises(ConfigError, match="give one run id, latest, or several distinct"):
+            load_sweep(client, None, named)
+
+
+def test_a_pooled_report_is_attached_beside_the_first_sweeps_own(client, tmp_path) -> None:
+    experiment_id = client.create_experiment("study")
+    a, b = (_study_parent(client, experiment_id, factors) for factors in ("model.head", ""))
+    for seed in (0, 1):
+        _study_child(client, experiment_id, a, "fc", seed, swept=True)
+        _study_child(client, experiment_id, a, "gap", seed, swept=True)
+        _study_child(client, experiment_id, b, "gap", seed + 2, swept=False)
+    page = build_report(client, parent=f"{a},{b}", out=tmp_path / "pooled")
+    assert "Pooled: 2 sweeps as one study" in page.read_text()
+    attached = {x.path for x in client.list_artifacts(a, "report/pooled")}
+    assert "report/pooled/report.html" in attached
+    table = (tmp_path / "pooled/groups.csv").read_text()
+    assert "model.head=gap,4," in table.replace('"', "")
 
 
 def test_load_sweep_refuses_an_empty_store(client) -> None:

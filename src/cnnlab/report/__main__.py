@@ -1,5 +1,6 @@
-"""``python -m cnnlab.report [--experiment NAME] [--parent RUN_ID|latest] [--out DIR]``:
-the ablation report of a sweep, read back from MLflow."""
+"""``python -m cnnlab.report [--experiment NAME] [--parent RUN_ID[,RUN_ID...]|latest]
+[--out DIR]``: the ablation report of a sweep, or of several pooled into one study, read back
+from MLflow."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from cnnlab.tracking.runs import connect, sqlite_file
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cnnlab.report", description=__doc__)
     parser.add_argument("--experiment", help="the study (default: the newest sweep's)")
-    parser.add_argument("--parent", default="latest", help="the sweep's parent run id, or latest")
+    parser.add_argument(
+        "--parent",
+        default="latest",
+        help="the sweep's parent run id, or latest; several ids a,b pool their sweeps",
+    )
     parser.add_argument("--out", type=Path, help="folder (default: reports/<experiment>)")
     parser.add_argument("--baseline", help="the group to compare with (default: the best)")
     parser.add_argument(

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from mlflow import MlflowClient
+from mlflow.entities import Run
 
 from cnnlab.checks import ConfigError
 from cnnlab.report import render, stats
@@ -56,28 +57,37 @@ def build_report(
     (out / "report.md").write_text(render.markdown(title, facts, verdicts, tables))
     page = out / "report.html"
     page.write_text(render.html_page(title, facts, verdicts, tables, plots))
-    if attach:
-        client.log_artifacts(sweep.parent.info.run_id, str(out), "report")
+    if attach:  # a pooled report beside the first sweep's own
+        where = "report" if len(sweep.parents) == 1 else "report/pooled"
+        client.log_artifacts(sweep.parent.info.run_id, str(out), where)
     return page
 
 
 def _facts(sweep: Sweep, score: str) -> list[str]:
-    parent = sweep.parent
-    tags = parent.data.tags
-    grid = json.loads(tags.get("cnnlab.grid", "{}"))
-    facts = [
-        f"Sweep {parent.info.run_name} ({parent.info.run_id}); grid: "
-        + "; ".join(f"{key} = {values}" for key, values in grid.items()),
-        f"Jobs: {_counts(sweep)}; groups ranked by mean {score.replace('_', ' ')}.",
-    ]
-    if parent.info.status == "RUNNING":
-        facts.append("Partial: the sweep is still running; this report shows the jobs so far.")
-    elif parent.info.status == "KILLED":
+    facts = [_about(parent) for parent in sweep.parents]
+    if len(sweep.parents) > 1:
         facts.append(
-            "Stopped: the sweep ended before its last job (interrupted, or its process died); "
+            f"Pooled: {len(sweep.parents)} sweeps as one study, grouped by configuration "
+            "(cnnlab.group_hash); a configuration and seed trained twice counts once."
+        )
+    facts.append(f"Jobs: {_counts(sweep)}; groups ranked by mean {score.replace('_', ' ')}.")
+    statuses = {parent.info.status for parent in sweep.parents}
+    which = "the sweep" if len(sweep.parents) == 1 else "a sweep"
+    if "RUNNING" in statuses:
+        facts.append(f"Partial: {which} is still running; this report shows the jobs so far.")
+    if "KILLED" in statuses:
+        facts.append(
+            f"Stopped: {which} ended before its last job (interrupted, or its process died); "
             "this report shows the jobs it recorded."
         )
     return facts
+
+
+def _about(parent: Run) -> str:
+    grid = json.loads(parent.data.tags.get("cnnlab.grid", "{}"))
+    return f"Sweep {parent.info.run_name} ({parent.info.run_id}); grid: " + "; ".join(
+        f"{key} = {values}" for key, values in grid.items()
+    )
 
 
 def _counts(sweep: Sweep) -> str:

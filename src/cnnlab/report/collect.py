@@ -14,6 +14,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from cnnlab.checks import ConfigError
+from cnnlab.tracking.continuation import REUSED_TAG
+from cnnlab.tracking.identity import CODE_TAG, GROUP_TAG, HASH_TAG
 from cnnlab.tracking.runs import end_dead_runs
 from cnnlab.tracking.sweep import NOT_A_FACTOR, PARENT_ROLE, children_frame
 
@@ -25,15 +27,23 @@ METRICS = {
     "metrics.time/images_per_s": "images_per_s",
 }
 PARAMS = {"params.model/params_total": "params", "params.model/flops": "flops"}
+UNSWEPT = "(unswept)"  # a pooled sweep's factor that a run's params do not name (a config group)
 
 
 @dataclass
 class Sweep:
+    """One sweep, or several pooled (``--parent a,b``): their jobs as one study."""
+
     experiment_name: str
-    parent: Run
+    parents: list[Run]
     factors: list[str]  # swept settings, as in the jobs' factor.<setting> tags
     jobs: pd.DataFrame  # one row per job: run_id, run_name, status, group, factors, metrics
     curves: pd.DataFrame  # run_id, group, epoch, val_acc: validation accuracy per epoch
+
+    @property
+    def parent(self) -> Run:
+        """The sweep the report is attached to: the first one named."""
+        return self.parents[0]
 
     @property
     def finished(self) -> pd.DataFrame:
@@ -48,6 +58,11 @@ def find_parent(client: MlflowClient, experiment: str | None, parent: str) -> tu
             run = client.get_run(parent)
         except mlflow.exceptions.MlflowException as error:
             raise ConfigError(f"--parent {parent}: no such run in the store") from error
+        if run.data.tags.get("cnnlab.role") != "sweep":
+            raise ConfigError(
+                f"--parent {parent}: run {run.info.run_name!r} is not a sweep's parent run "
+                "(the MLflow UI shows a sweep's parent with its jobs nested under it)"
+            )
         return client.get_experiment(run.info.experiment_id).name, run
     experiments = client.search_experiments()
     if experiment is not None:
@@ -67,15 +82,92 @@ def find_parent(client: MlflowClient, experiment: str | None, parent: str) -> tu
 
 
 def load_sweep(client: MlflowClient, experiment: str | None, parent: str = "latest") -> Sweep:
-    name, parent_run = find_parent(client, experiment, parent)
-    parent_id = parent_run.info.run_id
-    if parent_run.info.status == "RUNNING" and end_dead_runs(client, parent_run.info.experiment_id):
-        parent_run = client.get_run(parent_id)  # its sweep, or some of its jobs, died here
-    frame = children_frame(client, parent_run.info.experiment_id, parent_id)
-    tagged = parent_run.data.tags.get("cnnlab.factors", "").split(",")
-    factors = [factor for factor in tagged if factor and factor not in NOT_A_FACTOR]
+    """The sweep ``parent`` names (a run id or ``latest``), or the sweeps of a comma-separated
+    list of ids pooled into one study (:func:`pooled`)."""
+    found = [find_parent(client, experiment, which) for which in _named(parent)]
+    parents = [_ended_if_dead(client, run) for _, run in found]
+    frames = [children_frame(client, p.info.experiment_id, p.info.run_id) for p in parents]
+    factors = list(dict.fromkeys(factor for p in parents for factor in _factors_of(p)))
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    if len(parents) > 1:
+        frame = pooled(frame, factors)
     jobs = _jobs(frame, factors)
-    return Sweep(name, parent_run, factors, jobs, _curves(client, jobs))
+    name = "+".join(dict.fromkeys(experiment_name for experiment_name, _ in found))
+    return Sweep(name, parents, factors, jobs, _curves(client, jobs))
+
+
+def _named(parent: str) -> list[str]:
+    named = [which.strip() for which in parent.split(",")]
+    if "" in named or len(set(named)) < len(named) or (len(named) > 1 and "latest" in named):
+        raise ConfigError(
+            f"--parent {parent!r}: give one run id, latest, or several distinct run ids a,b"
+        )
+    return named
+
+
+def _ended_if_dead(client: MlflowClient, parent: Run) -> Run:
+    if parent.info.status == "RUNNING" and end_dead_runs(client, parent.info.experiment_id):
+        return client.get_run(parent.info.run_id)  # its sweep, or some of its jobs, died here
+    return parent
+
+
+def _factors_of(parent: Run) -> list[str]:
+    tagged = parent.data.tags.get("cnnlab.factors", "").split(",")
+    return [factor for factor in tagged if factor and factor not in NOT_A_FACTOR]
+
+
+def pooled(frame: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
+    """The children of several sweeps as one study. A group is a ``cnnlab.group_hash`` (the
+    configuration and code but the seed), named by the factors of all the sweeps: a factor a
+    sweep did not sweep takes its run's setting, from its params. One configuration and seed
+    (one ``cnnlab.config_hash``) counts once, as the run that trained it: a copy a sweep
+    reused, or a repeat, is left out. Two groups with one name are refused: their runs differ
+    in a setting that is not a factor, or in code."""
+    missing = frame[frame.get(f"tags.{GROUP_TAG}", pd.Series(index=frame.index)).isna()]
+    if not missing.empty:
+        raise ConfigError(
+            f"run {missing['run_id'].iloc[0]} has no {GROUP_TAG} tag (it predates run "
+            "identities), so it cannot be pooled by configuration; report its sweep alone"
+        )
+    frame = frame.copy()
+    for factor in factors:
+        column = f"tags.factor.{factor}"
+        setting = frame.get(f"params.{factor.replace('.', '/')}", pd.Series(index=frame.index))
+        frame[column] = frame.get(column, pd.Series(index=frame.index)).fillna(setting)
+    values = frame[[f"tags.factor.{factor}" for factor in factors]].fillna(UNSWEPT).astype(str)
+    rows = values.itertuples(index=False)
+    named = [",".join(f"{f}={v}" for f, v in zip(factors, row, strict=True)) for row in rows]
+    names = pd.Series(named, index=frame.index)
+    frame["tags.group"] = names.groupby(frame[f"tags.{GROUP_TAG}"]).transform("first")
+    _refuse_mixed_groups(frame)
+    return _trained_once(frame)
+
+
+def _refuse_mixed_groups(frame: pd.DataFrame) -> None:
+    for group, runs in frame.groupby("tags.group"):
+        if runs[f"tags.{GROUP_TAG}"].nunique() < 2:
+            continue
+        differ = [
+            column.removeprefix("params.").removeprefix("tags.")
+            for column in [
+                *frame.columns[frame.columns.str.startswith("params.")],
+                f"tags.{CODE_TAG}",
+            ]
+            if column in runs and runs[column].astype(str).nunique() > 1
+        ]
+        raise ConfigError(
+            f"the sweeps cannot be pooled: group {group or '(one configuration)'} holds runs of "
+            f"different configurations (they differ in {', '.join(differ) or 'settings'}); "
+            "report each sweep alone"
+        )
+
+
+def _trained_once(frame: pd.DataFrame) -> pd.DataFrame:
+    done = frame["status"] == "FINISHED"
+    origin = frame.get(f"tags.{REUSED_TAG}", pd.Series(index=frame.index)).isna()
+    finished = frame[done].assign(_copy=~origin[done]).sort_values(["_copy", "start_time"])
+    kept = finished.drop_duplicates(f"tags.{HASH_TAG}").drop(columns="_copy")
+    return pd.concat([kept, frame[~done]]).sort_values("start_time").reset_index(drop=True)
 
 
 def _jobs(frame: pd.DataFrame, factors: list[str]) -> pd.DataFrame:

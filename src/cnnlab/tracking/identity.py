@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from cnnlab.config import REPO_ROOT
 
 HASH_TAG = "cnnlab.config_hash"
+GROUP_TAG = "cnnlab.group_hash"  # the identity but the seed: one group of a study
 CODE_TAG = "cnnlab.code_version"
 
 # Settings left out of the identity (dotted keys; a key leaves out all below it), and why
@@ -56,18 +57,27 @@ NOT_DECIDING = {
 @dataclass(frozen=True)
 class Identity:
     settings_hash: str  # of the deciding settings alone
+    seedless_hash: str  # of the deciding settings but the seed
     code: str  # the code version they ran with
 
     @property
     def config_hash(self) -> str:
         return _sha256(f"{self.settings_hash}\n{self.code}")
 
+    @property
+    def group_hash(self) -> str:
+        """Runs that differ only by their seed share it, whichever sweep ran them: the report
+        pools several sweeps by it, not by the ``group`` tag, which names what was swept."""
+        return _sha256(f"{self.seedless_hash}\n{self.code}")
+
     def tags(self) -> dict[str, str]:
-        return {HASH_TAG: self.config_hash, CODE_TAG: self.code}
+        return {HASH_TAG: self.config_hash, GROUP_TAG: self.group_hash, CODE_TAG: self.code}
 
 
 def identity(cfg: DictConfig, code: str) -> Identity:
-    return Identity(_sha256(json.dumps(deciding(cfg), sort_keys=True)), code)
+    settings = deciding(cfg)
+    seedless = {key: value for key, value in settings.items() if key != "seed"}
+    return Identity(_hash_of(settings), _hash_of(seedless), code)
 
 
 def of_job(cfg: DictConfig, code: str | None = None) -> Identity:
@@ -111,6 +121,10 @@ def code_version(folder: Path, *, dirty_is_commit: bool = False) -> str:
     except (OSError, subprocess.CalledProcessError):
         return f"cnnlab {importlib.metadata.version('cnnlab')}"
     return f"{commit}+dirty.{_sha256(diff)[:12]}" if diff else commit
+
+
+def _hash_of(settings: dict[str, Any]) -> str:
+    return _sha256(json.dumps(settings, sort_keys=True))
 
 
 def _sha256(text: str) -> str:

@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import json
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -45,6 +46,7 @@ from cnnlab.tracking.runs import (
     open_experiment,
     process_tags,
     run_link,
+    sqlite_file,
 )
 
 SWEEP_FILE = "cnnlab_sweep.json"
@@ -257,6 +259,30 @@ def dry_run(client: MlflowClient, config: DictConfig) -> NoReturn:
     sys.exit(0)
 
 
+def _store_to_continue(tracking_uri: str, which: str) -> None:
+    """Refuses ``sweep.resume`` on a sqlite store that does not exist, before opening it
+    would create an empty one."""
+    database = sqlite_file(tracking_uri)
+    if database is not None and not database.exists():
+        raise ConfigError(
+            f"sweep.resume={which}: no MLflow store at {database}, so no sweep to continue; "
+            "point logger.tracking_uri (MLFLOW_TRACKING_URI) at the sweep's store"
+        )
+
+
+def _experiment_to_continue(client: MlflowClient, config: DictConfig) -> str:
+    """The id of the experiment whose sweep ``sweep.resume`` continues; never creates one."""
+    name = config.logger.experiment_name
+    if client.get_experiment_by_name(name) is not None:  # in the trash: open says so
+        return open_experiment(client, name, config.logger.artifact_location)
+    names = sorted(e.name for e in client.search_experiments())
+    raise ConfigError(
+        f"sweep.resume={config.sweep.resume}: no experiment {name!r} in "
+        f"{redact_uri(client.tracking_uri)}; valid (logger.experiment_name, "
+        f"MLFLOW_EXPERIMENT_NAME): {', '.join(names) or 'none'}"
+    )
+
+
 class SweepCallback(Callback):
     """The sweep's parent run, from before the first job to its summary after the last.
 
@@ -297,14 +323,19 @@ class SweepCallback(Callback):
 
     def _open(self, config: DictConfig) -> None:
         logger = config.logger
+        if config.sweep.resume:  # a sweep to continue is in a store that exists
+            _store_to_continue(logger.tracking_uri, str(config.sweep.resume))
         self.client = connect(logger.tracking_uri, logger.retry_s)
         if config.sweep.dry_run:
             dry_run(self.client, config)  # lists the jobs and exits
-        # The store and the experiment are created here, once: several processes migrating
-        # a fresh sqlite store at the same time crash and leave it broken.
-        self.experiment_id = open_experiment(
-            self.client, logger.experiment_name, logger.artifact_location
-        )
+        if config.sweep.resume:
+            self.experiment_id = _experiment_to_continue(self.client, config)
+        else:
+            # The store and the experiment are created here, once: several processes
+            # migrating a fresh sqlite store at the same time crash and leave it broken.
+            self.experiment_id = open_experiment(
+                self.client, logger.experiment_name, logger.artifact_location
+            )
         end_dead_runs(self.client, self.experiment_id)  # earlier sweeps killed outright
         grid, factors = grid_of(config)
         self.sweep_dir = Path(config.hydra.sweep.dir)
@@ -335,10 +366,16 @@ class SweepCallback(Callback):
         grid, folder and process; its old summary is replaced at the end."""
         parent = find_parent(self.client, self.experiment_id, which)
         run_id = parent.info.run_id
-        if parent.info.status == "RUNNING":  # end_dead_runs left it: its process lives
-            tags_now = parent.data.tags
-            where = f"pid {tags_now.get('cnnlab.pid')} on {tags_now.get('cnnlab.host')}"
-            raise ConfigError(f"sweep.resume={which}: sweep {run_id} is still running ({where})")
+        if parent.info.status == "RUNNING":  # end_dead_runs left it: it lives, or elsewhere
+            host, pid = parent.data.tags.get("cnnlab.host"), parent.data.tags.get("cnnlab.pid")
+            if host == socket.gethostname():
+                raise ConfigError(
+                    f"sweep.resume={which}: sweep {run_id} is still running (pid {pid})"
+                )
+            raise ConfigError(
+                f"sweep.resume={which}: sweep {run_id} is RUNNING on host {host} (pid {pid}); "
+                "continue it there, where cnnlab can tell whether its process still lives"
+            )
         TrackedRun.reopen(self.client, run_id, tags)  # as a resumed run: error tag gone
         print(f"continuing sweep {parent.info.run_name} (parent run {run_id}, "
               f"{parent.info.status} until now)", flush=True)  # fmt: skip
