@@ -29,8 +29,8 @@ from cnnlab.tracking.continuation import (
 from cnnlab.tracking.identity import HASH_TAG
 from cnnlab.tracking.record import new_run
 from cnnlab.tracking.sweep import children_frame
-from tests.conftest import REPO, cnnlab_train, compose_train, only_run
-from tests.test_faults import _wait_for
+from tests.conftest import REPO, cnnlab_train, compose_train, only_run, run_cli
+from tests.test_faults import _command, _hold_lock, _read_only, _wait_for
 
 # Each changes what a run measures: each gives another identity.
 DECIDING = [
@@ -281,6 +281,70 @@ def test_a_sweep_that_cannot_continue_says_why_in_one_line(
     experiment = client.get_experiment_by_name("sweep")
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
     assert [r.info.run_name for r in runs] == (["single"] if given == "a single run" else [])
+
+
+def _finished_sweep(tmp_path: Path) -> tuple[MlflowClient, str]:
+    """A store holding one FINISHED sweep without jobs, and its parent's id."""
+    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    parent = client.create_run(client.create_experiment("sweep"), tags={"cnnlab.role": "sweep"})
+    client.set_terminated(parent.info.run_id, "FINISHED")
+    return client, parent.info.run_id
+
+
+def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return [line for line in result.stderr.splitlines() if line.startswith("cnnlab: error:")]
+
+
+def test_a_continued_sweep_waits_out_a_locked_store_and_gives_up_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """A store another process holds locked is busy, not broken: the sweep waits for it, and
+    past logger.retry_s ends in one line with the parent as it was."""
+    client, parent = _finished_sweep(tmp_path)
+    store = tmp_path / "mlflow.db"
+    dry = ["-m", "seed=0", "sweep.resume=latest", f"paths.log_dir={tmp_path}/logs"]
+    holder = _hold_lock(store, seconds=3)
+    try:
+        waited = cnnlab_train(*dry, "sweep.dry_run=true", env=_env(tmp_path))
+    finally:
+        holder.wait()
+    assert waited.returncode == 0, waited.stderr[-3000:]
+    assert "dry run: 1 jobs would be: 1 trained" in waited.stdout
+    holder = _hold_lock(store, seconds=300)
+    try:
+        refused = cnnlab_train(*dry, "logger.retry_s=2", env=_env(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    errors = _error_lines(refused)
+    assert refused.returncode == 1 and len(errors) == 1, refused.stderr[-3000:]
+    assert f"the MLflow store sqlite:///{store} is busy or unreachable for 2 s" in errors[0]
+    assert "restore it from a backup" not in refused.stderr  # a lock is not a broken store
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED" and len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_a_sweep_to_continue_in_a_read_only_or_unreachable_store_is_one_line(
+    tmp_path: Path,
+) -> None:
+    client, parent = _finished_sweep(tmp_path)
+    store = tmp_path / "mlflow.db"
+    before = store.read_bytes()
+    again = ["-m", "seed=0", "sweep.resume=latest", f"paths.log_dir={tmp_path}-logs"]
+    read_only = run_cli(*_read_only(tmp_path, *_command(*again)), env=_env(tmp_path))
+    errors = _error_lines(read_only)
+    assert read_only.returncode == 2 and len(errors) == 1, read_only.stderr[-3000:]
+    assert "is not writable (Read-only file system)" in errors[0]
+    assert store.read_bytes() == before
+    with socket.socket() as closed:  # a port nobody listens on: a server that is gone
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    gone = cnnlab_train(*again, f"logger.tracking_uri=http://127.0.0.1:{port}")
+    errors = _error_lines(gone)
+    assert gone.returncode == 2 and len(errors) == 1, gone.stderr[-3000:]
+    assert f"logger.tracking_uri=http://127.0.0.1:{port}: the tracking server does not" in errors[0]
+    assert client.get_run(parent).info.status == "FINISHED"
 
 
 def _sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:

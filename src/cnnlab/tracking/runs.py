@@ -85,7 +85,7 @@ def connect(tracking_uri: str, retry_s: float = retry.DEFAULT_RETRY_S) -> Mlflow
     database = sqlite_file(tracking_uri)
     try:
         if database is None:
-            return _ready(retry.RetryingClient(tracking_uri, retry_s, where))
+            return _ready(_client(tracking_uri, retry_s, where))
         # sqlite writes its journal beside the database: a read-only folder fails every write
         check_writable(
             f"logger.tracking_uri={where}: the store's folder", database.parent,
@@ -94,13 +94,21 @@ def connect(tracking_uri: str, retry_s: float = retry.DEFAULT_RETRY_S) -> Mlflow
         with open(f"{database}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             # opening the store creates and migrates it
-            return _ready(retry.RetryingClient(tracking_uri, retry_s, where))
+            return _ready(_client(tracking_uri, retry_s, where))
     except (SQLAlchemyError, MlflowException) as error:
         raise ConfigError(
             f"logger.tracking_uri={where}: the store cannot be opened "
             f"({type(error).__name__}: {retry._first_line(error)}); restore it from a "
             "backup, or point logger.tracking_uri (MLFLOW_TRACKING_URI) at another store"
         ) from error
+
+
+def _client(tracking_uri: str, retry_s: float, where: str) -> MlflowClient:
+    """A retrying client. Making one opens its store (a sqlite store reads its tables), so
+    a store another process holds locked is waited out here too, not taken for broken."""
+    return retry.call(
+        retry.RetryingClient, tracking_uri, retry_s, where, retry_s=retry_s, where=where
+    )
 
 
 def _ready(client: MlflowClient) -> MlflowClient:
