@@ -30,6 +30,7 @@ from cnnlab.tracking.identity import HASH_TAG
 from cnnlab.tracking.record import new_run
 from cnnlab.tracking.sweep import children_frame
 from tests.conftest import REPO, cnnlab_train, compose_train, only_run, run_cli
+from tests.servers import MakeServer
 from tests.test_faults import _command, _hold_lock, _read_only, _wait_for
 
 # Each changes what a run measures: each gives another identity.
@@ -448,12 +449,78 @@ def test_a_continued_sweep_killed_while_reopening_and_between_jobs_still_finishe
     client, parents, _ = _runs(tmp_path)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     jobs = children_frame(client, parents[0].info.experiment_id, parents[0].info.run_id)
-    assert sorted(jobs["tags.mlflow.runName"]) == ["s0", "s1", "s2", "s3"]  # each seed once
+    assert sorted(jobs["tags.seed"]) == ["0", "1", "2", "3"]  # each seed once
     assert set(jobs["status"]) == {"FINISHED"}
     assert parents[0].data.tags["jobs.finished"] == "4"
     for run_id in jobs["run_id"]:
         steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
         assert sorted(steps) == list(range(3)), run_id  # 1 epoch of 3 steps, each once
+
+
+@pytest.mark.slow
+def test_a_continued_sweep_whose_server_dies_fails_and_continues_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """The tracking server goes away during a continued sweep and does not come back: the
+    sweep ends non-zero and says why; once the server is back, the next sweep.resume=latest
+    finishes the study with each seed once and no step logged twice."""
+    server = MakeServer(f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts")
+    server.wait_ready()
+    on = [
+        *SMALL_SWEEP,
+        "trainer.max_epochs=1",
+        "logger.retry_s=10",
+        f"paths.log_dir={tmp_path}/logs",
+    ]
+    env = {"MLFLOW_TRACKING_URI": server.uri, "MLFLOW_EXPERIMENT_NAME": "sweep"}
+    try:
+        first = cnnlab_train("-m", *on, "seed=0", env=env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        grow = [
+            sys.executable,
+            "-m",
+            "cnnlab.train",
+            "-m",
+            *on,
+            "seed=0,1,2",
+            "sweep.resume=latest",
+        ]
+        sweep = subprocess.Popen(
+            grow, cwd=REPO, env={**os.environ, **env}, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        client = MlflowClient(server.uri)
+        try:
+            seed_1 = lambda: any(r.info.run_name == "s1" for r in _runs_of(client))  # noqa: E731
+            _wait_for(seed_1, "the job of seed 1", 600)
+            server.stop()
+            _, err = sweep.communicate(timeout=900)
+        finally:
+            if sweep.poll() is None:
+                os.killpg(sweep.pid, signal.SIGKILL)
+        assert sweep.returncode == 1, err[-3000:]
+        errors = [line for line in err.splitlines() if line.startswith("cnnlab: error:")]
+        assert errors and "Traceback" not in err, err[-3000:]
+        assert f"the MLflow store {server.uri} is busy or unreachable" in errors[-1]
+        server = MakeServer(f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts", server.port)
+        server.wait_ready()
+        done = cnnlab_train("-m", *on, "seed=0,1,2", "sweep.resume=latest", env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        parents = [r for r in _runs_of(client) if r.data.tags.get("cnnlab.role") == "sweep"]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        jobs = children_frame(client, parents[0].info.experiment_id, parents[0].info.run_id)
+        assert sorted(jobs["tags.seed"]) == ["0", "1", "2"]  # each once (a retry is named -2)
+        assert set(jobs["status"]) == {"FINISHED"}
+        for run_id in jobs["run_id"]:
+            steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+            assert sorted(steps) == list(range(3)), run_id
+    finally:
+        server.stop()
+
+
+def _runs_of(client: MlflowClient) -> list:
+    experiment = client.get_experiment_by_name("sweep")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
 def _kill_when(tmp_path: Path, overrides: list[str], condition, what: str) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,9 +20,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from cnnlab import train
+from cnnlab.checks import ConfigError
 from cnnlab.tracking import retry
 from cnnlab.tracking.logger import UNSENT_FILE, send_unsent
-from cnnlab.tracking.runs import end_dead_runs, process_tags
+from cnnlab.tracking.runs import connect, end_dead_runs, process_tags
 from tests.conftest import REPO, cnnlab_train, only_run, run_cli, run_sweep
 from tests.servers import MakeServer
 
@@ -130,6 +132,26 @@ def test_a_store_call_waits_out_a_lock_but_not_past_its_bound(tmp_path: Path) ->
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_sweep_jobs_server_gone_is_waited_for_once_then_tried_once(tmp_path: Path) -> None:
+    """A wrong URI is one line at once; a server that answered the sweep and is gone is
+    waited for as a restart, for one bound per process, then each later job tries once."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    with pytest.raises(ConfigError, match="the tracking server does not answer"):
+        connect(uri, retry_s=60)
+    start = time.monotonic()
+    with pytest.raises(retry.StoreUnavailable, match=f"{uri} is busy or unreachable for 2 s"):
+        connect(uri, retry_s=2, answered=True)
+    assert time.monotonic() - start >= 2  # waited its bound
+    start = time.monotonic()
+    with pytest.raises(retry.StoreUnavailable, match="for 2 s"):
+        connect(uri, retry_s=600, answered=True)  # the next job: one try, not 600 s
+    assert time.monotonic() - start < 60
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    connect(store, retry_s=1, answered=True).search_experiments()  # a store that answers
 
 
 def _locked_write(store: Path) -> None:

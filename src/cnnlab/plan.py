@@ -45,14 +45,15 @@ class Plan:
     decision: Decision = field(default_factory=lambda: Decision(Action.train))
 
 
-def store(cfg: DictConfig) -> MlflowClient | None:
+def store(cfg: DictConfig, *, in_sweep: bool = False) -> MlflowClient | None:
     """The tracking store, ready, on the process that writes to it (global rank 0) and on
-    any that must read what a resume continues; None on the other DDP ranks."""
+    any that must read what a resume continues; None on the other DDP ranks. A sweep job's
+    store answered the sweep: one that does not answer now is waited for (a restart)."""
     first_rank = rank_zero_only.rank == 0
     continues = cfg.resume or OmegaConf.select(cfg, "sweep.resume")
     if not (first_rank or continues or tracking.slurm_restarted()):
         return None
-    return tracking.connect(cfg.logger.tracking_uri, cfg.logger.retry_s)
+    return tracking.connect(cfg.logger.tracking_uri, cfg.logger.retry_s, answered=in_sweep)
 
 
 def plan_job(

@@ -115,7 +115,10 @@ def run_job(
 ) -> float | None:
     """plan → prepare → open or reopen the run → fit → record, for any job."""
     # A sweep job's store exists (the sweep callback made it): a refused job is recorded there.
-    client = store(cfg) if policy.sweep is not None else None
+    try:
+        client = store(cfg, in_sweep=True) if policy.sweep is not None else None
+    except tracking.StoreUnavailable as error:  # gone since the sweep began: nothing records it
+        return policy.failed(error)
     try:
         planned = plan_job(cfg, runtime, policy.sweep, client)
         if not planned.decision.trains:  # a sweep job its store already answers

@@ -158,3 +158,11 @@ class RetryingClient(MlflowClient):
             return call(attribute, *args, retry_s=retry_s, where=where, **kwargs)
 
         return retried
+
+
+def bound_of(client: MlflowClient) -> tuple[float, str]:
+    """``client``'s retry bound and its store's name: for a call made outside its methods
+    (MLflow's fluent API). A plain MlflowClient's calls are tried once."""
+    if isinstance(client, RetryingClient):
+        return client._retry_s, client._where
+    return 0.0, client.tracking_uri

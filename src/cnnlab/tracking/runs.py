@@ -68,20 +68,35 @@ def package_versions() -> dict[str, str]:
     return {f"version.{name}": importlib.metadata.version(name) for name in PACKAGES}
 
 
-def connect(tracking_uri: str, retry_s: float = retry.DEFAULT_RETRY_S) -> MlflowClient:
+def connect(
+    tracking_uri: str, retry_s: float = retry.DEFAULT_RETRY_S, *, answered: bool = False
+) -> MlflowClient:
     """A client whose store is ready and readable, its calls retried for up to ``retry_s``
     while the store is busy or unreachable (cnnlab.tracking.retry). A fresh sqlite store is
     created under a file lock next to it: processes that migrate one at the same time all
     crash ("table experiments already exists", measured with MLflow 3) and can leave it
     half-migrated for good.
 
+    ``answered``: the store answered this process's sweep before (a sweep job's). A server
+    that does not answer is then waited for as a restart, not refused as a wrong URI; and
+    after a store this process gave up on, one try: a dead server costs one bound per
+    sweep process, not one per job.
+
     Raises:
         ConfigError: the server does not answer, or the store cannot be opened or read.
+        StoreUnavailable: (``answered``) the store stayed busy or unreachable.
     """
     where = redact_uri(tracking_uri)
-    retry.reset(where)
-    if tracking_uri.startswith(("http://", "https://")):
-        check_reachable(tracking_uri)
+    if not answered:
+        retry.reset(where)
+        if tracking_uri.startswith(("http://", "https://")):
+            check_reachable(tracking_uri)
+    client = _connect(tracking_uri, retry_s, where)
+    retry.reset(where)  # it answers: a later outage gets a bound of its own
+    return client
+
+
+def _connect(tracking_uri: str, retry_s: float, where: str) -> MlflowClient:
     database = sqlite_file(tracking_uri)
     try:
         if database is None:

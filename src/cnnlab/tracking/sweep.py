@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.checks import ConfigError, fail, one_line, redact_uri
 from cnnlab.config import REPO_ROOT, to_settings
-from cnnlab.tracking import identity
+from cnnlab.tracking import identity, retry
 from cnnlab.tracking.continuation import SUPERSEDED_TAG, Action, Continuation, Decision, decide
 from cnnlab.tracking.runs import (
     TrackedRun,
@@ -159,11 +159,15 @@ def children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str)
     ``client``'s store; the caller's global tracking URI is left as it was."""
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(client.tracking_uri)
+    retry_s, where = retry.bound_of(client)
     try:
-        frame = mlflow.search_runs(
+        frame = retry.call(
+            mlflow.search_runs,
             [experiment_id],
             filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
             order_by=["attributes.start_time ASC"],
+            retry_s=retry_s,
+            where=where,
         )
     finally:
         mlflow.set_tracking_uri(previous)
