@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -151,15 +152,27 @@ def run_cli(
     )
 
 
-def cnnlab_train(*overrides: str, env: dict[str, str] | None = None):
-    return run_cli(sys.executable, "-m", "cnnlab.train", *overrides, env=env)
+def cnnlab_train(*overrides: str, env: dict[str, str] | None = None, host: str | None = None):
+    """``python -m cnnlab.train``; with ``host``, on a machine of that name (its own UTS
+    namespace: what cnnlab tags as ``cnnlab.host`` and tells processes apart by)."""
+    command = [sys.executable, "-m", "cnnlab.train", *overrides]
+    if host is not None:
+        if shutil.which("unshare") is None or os.geteuid() != 0:
+            pytest.skip("needs root and unshare (util-linux) for a host name of its own")
+        command = ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh", *command]
+    return run_cli(*command, env=env)
 
 
 def run_sweep(
-    tmp_path: Path, *overrides: str, uri: str | None = None, env: dict[str, str] | None = None
+    tmp_path: Path,
+    *overrides: str,
+    uri: str | None = None,
+    env: dict[str, str] | None = None,
+    host: str | None = None,
 ):
     """A shrunk multirun of ``cnnlab.train`` recorded in experiment "sweep" (a fresh sqlite
-    store unless ``uri``): the result, a client, the parent run and its children."""
+    store unless ``uri``; on machine ``host``): the result, a client, the parent run and its
+    children."""
     uri = uri or f"sqlite:///{tmp_path}/mlflow.db"
     result = cnnlab_train(
         "-m",
@@ -168,6 +181,7 @@ def run_sweep(
         "trainer.enable_progress_bar=false",
         f"paths.log_dir={tmp_path}/logs",
         env={**(env or {}), "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "sweep"},
+        host=host,
     )
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("sweep")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,8 +54,8 @@ def test_a_parallel_sweep_through_make_server_on_postgresql_loses_nothing(
             ("FINISHED", 3)
         ]
         assert (tmp_path / "artifacts").is_dir()
-        # Grown by a seed and continued from another folder (as from another machine): each
-        # job decides from the server alone, so only the new ones train.
+        # Grown by a seed and continued from another machine (another host name, another
+        # folder): each job decides from the server alone, so only the new ones train.
         grown, _, again, children = run_sweep(
             tmp_path / "elsewhere",
             "hydra/launcher=joblib",
@@ -63,10 +64,14 @@ def test_a_parallel_sweep_through_make_server_on_postgresql_loses_nothing(
             "seed=0,1",
             "sweep.resume=latest",
             uri=server.uri,
+            host="node-b",
         )
         assert grown.returncode == 0, grown.stderr[-3000:]
         assert "this start: 2 trained, 2 kept, 0 resumed" in grown.stdout
         assert again.info.run_id == parent.info.run_id and len(children) == 4
         assert {r.info.status for r in children} == {"FINISHED"}
+        hosts = {r.data.tags["seed"]: r.data.tags["cnnlab.host"] for r in children}
+        assert hosts["1"] == "node-b" and hosts["0"] == socket.gethostname()
+        assert again.data.tags["cnnlab.host"] == "node-b"
     finally:
         server.stop()
