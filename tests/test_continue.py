@@ -364,18 +364,7 @@ def _runs(tmp_path: Path) -> tuple[MlflowClient, list, list]:
 @pytest.mark.slow
 def test_a_killed_sweep_continues_grows_and_is_reused(tmp_path: Path) -> None:
     grid = ["model.pooling=max,avg", "seed=0,1", "trainer.max_epochs=6"]
-    env = {**os.environ, **_env(tmp_path), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "cnnlab.train", "-m", *SMALL_SWEEP, *grid,
-               f"paths.log_dir={tmp_path}/logs"]  # fmt: skip
-    sweep = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        _wait_for(lambda: _third_job_has_checkpoint(tmp_path), "the third job's checkpoints", 600)
-        os.killpg(sweep.pid, signal.SIGKILL)
-        sweep.wait(timeout=60)
-    finally:
-        if sweep.poll() is None:
-            os.killpg(sweep.pid, signal.SIGKILL)
+    _kill_when(tmp_path, grid, lambda: _third_job_has_checkpoint(tmp_path), "the third job")
     continued = _sweep(tmp_path, *grid, "sweep.resume=latest")
     assert continued.returncode == 0, continued.stderr[-3000:]
     assert "this start: 1 trained, 2 kept, 1 resumed, 0 retried, 0 reused" in continued.stdout

@@ -58,9 +58,12 @@ def build_report(
     page = out / "report.html"
     page.write_text(render.html_page(title, facts, verdicts, tables, plots))
     if attach:  # a pooled report beside the first sweep's own
-        where = "report" if len(sweep.parents) == 1 else "report/pooled"
-        client.log_artifacts(sweep.parent.info.run_id, str(out), where)
+        client.log_artifacts(sweep.parent.info.run_id, str(out), _artifact_path(sweep))
     return page
+
+
+def _artifact_path(sweep: Sweep) -> str:
+    return "report" if len(sweep.parents) == 1 else "report/pooled"
 
 
 def _facts(sweep: Sweep, score: str) -> list[str]:
