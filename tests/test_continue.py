@@ -538,16 +538,40 @@ def _third_job_has_checkpoint(tmp_path: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_a_joblib_sweep_that_grows_trains_only_its_new_jobs(tmp_path: Path) -> None:
-    joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.max_epochs=1"]
-    first = _sweep(tmp_path, *joblib, "model.head=fc,gap")
-    assert first.returncode == 0, first.stderr[-3000:]
-    grown = _sweep(tmp_path, *joblib, "model.head=fc,gap", "seed=0,1", "sweep.resume=latest")
-    assert grown.returncode == 0, grown.stderr[-3000:]
-    assert "this start: 2 trained, 2 kept" in grown.stdout
-    _, parents, children = _runs(tmp_path)
-    assert len(parents) == 1 and len(children) == 4
-    assert {r.info.status for r in children} == {"FINISHED"}
+def test_a_killed_joblib_sweep_continues_grows_and_is_reused(tmp_path: Path) -> None:
+    """The same over joblib (each job in a worker process), on a fresh store: SIGKILL the
+    sweep once a job has a whole checkpoint, continue it grown by a seed, then repeat the
+    study with reuse."""
+    joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.max_epochs=6"]
+    first = [*joblib, "model.head=fc,gap", "seed=0"]
+    _kill_when(tmp_path, first, lambda: _validated(tmp_path, 2), "a job's second validation")
+    grown = [*joblib, "model.head=fc,gap", "seed=0,1"]
+    continued = _sweep(tmp_path, *grown, "sweep.resume=latest")
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    said = re.search(r"this start: (\d+) trained, (\d+) kept, (\d+) resumed", continued.stdout)
+    assert said and int(said[3]) >= 1 and sum(map(int, said.groups())) == 4, continued.stdout
+    client, parents, _ = _runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    jobs = children_frame(client, parents[0].info.experiment_id, parents[0].info.run_id)
+    assert sorted(zip(jobs["tags.factor.model.head"], jobs["tags.seed"], strict=True)) == [
+        ("fc", "0"), ("fc", "1"), ("gap", "0"), ("gap", "1"),
+    ]  # fmt: skip
+    assert set(jobs["status"]) == {"FINISHED"}
+    for run_id in jobs["run_id"]:
+        steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+        assert sorted(steps) == list(range(18)), run_id  # 6 epochs x 3, each once
+    again = _sweep(tmp_path, *grown, "sweep.reuse=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "this start: 0 trained, 0 kept, 0 resumed, 0 retried, 4 reused" in again.stdout
+
+
+def _validated(tmp_path: Path, times: int) -> bool:
+    """Some job of the sweep has validated ``times`` times: a whole checkpoint exists."""
+    try:
+        client, _, children = _runs(tmp_path)
+    except Exception:  # the store or the experiment is still being made
+        return False
+    return any(len(client.get_metric_history(r.info.run_id, "val/acc")) >= times for r in children)
 
 
 def test_cfg_under_multirun_points_to_the_dry_run(tmp_path: Path) -> None:
