@@ -212,3 +212,46 @@ def test_a_slurm_sweep_that_grows_trains_only_its_new_job(slurm, tmp_path: Path)
     assert sorted(r.info.run_name for r in children) == ["s0", "s1"]
     assert {r.info.status for r in children} == {"FINISHED"}
     assert parent.data.tags["jobs.finished"] == "2"
+
+
+def test_a_slurm_job_cancelled_mid_sweep_continues_in_its_run_and_is_reused(
+    slurm, tmp_path: Path
+) -> None:
+    """The killed-sweep study on the cluster: a job scancelled mid-training (SIGTERM) ends
+    KILLED; sweep.resume=latest continues it in the same run from its checkpoint and keeps
+    the finished one; a repeated study with reuse trains nothing."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, **slurm, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "sweep"}
+    grid = ["hydra/launcher=slurm", "seed=0,1", "trainer.max_epochs=4",
+            "trainer.limit_train_batches=40", "trainer.limit_val_batches=2",
+            "trainer.limit_test_batches=1", "trainer.log_every_n_steps=5",
+            "trainer.enable_progress_bar=false", "logger.pictures=false",
+            "logger.flush_every_s=0", f"paths.log_dir={tmp_path}/logs"]  # fmt: skip
+    command = [sys.executable, "-m", "cnnlab.train", "-m", *grid]
+    sweep = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    client = MlflowClient(uri)
+    run = _wait_for_step(client, sweep, 50)  # its second epoch is under way
+    subprocess.run(["scancel", run.data.tags["slurm.job_id"]], env=env, check=True, timeout=30)
+    output, _ = sweep.communicate(timeout=900)  # this cluster has no sacct: see job_return
+    assert sweep.returncode == 1 and "Traceback" not in output, output[-4000:]
+    said = f"Slurm job {run.data.tags['slurm.job_id']} (seed={run.data.tags['seed']} "
+    assert said in output, output[-4000:]
+    assert "ended without a result" in output and "1 sweep job(s) FAILED" in output
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    continued = subprocess.run([*command, "sweep.resume=latest"], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert continued.returncode == 0, continued.stderr[-4000:]
+    assert "1 resumed" in continued.stdout, continued.stdout[-3000:]
+    runs = client.search_runs([run.info.experiment_id])
+    children = [r for r in runs if r.data.tags.get("cnnlab.role") != "sweep"]
+    assert sorted(r.data.tags["seed"] for r in children) == ["0", "1"]
+    assert {r.info.status for r in children} == {"FINISHED"}
+    resumed = client.get_run(run.info.run_id)
+    assert "cnnlab.resumed_from" in resumed.data.tags
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(4, 160, 5))  # 4 epochs of 40, every 5th step, once
+    again = subprocess.run([*command, "sweep.reuse=true"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "0 trained, 0 kept, 0 resumed, 0 retried, 2 reused" in again.stdout

@@ -10,11 +10,13 @@ the tasks and Lightning's SLURMEnvironment makes them one DDP job; cnnlab starts
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 EXECUTOR_INIT = {"submitit_folder", "max_num_timeout"}  # given to the executor, not sbatch
+RESULT_GRACE_S = 60.0  # a job gone from the queue this long without a result has none
+POLL_S = 2.0
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
@@ -37,8 +41,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             log.info("\t#%d : %s (%s)", num, " ".join(filter_overrides(overrides)), resources)
             executor = self._executor(resources)
             arguments = (list(overrides), "hydra.sweep.dir", num, f"job{num}")
-            jobs.append(executor.submit(self, *arguments, Singleton.get_state()))
-        return [job.results()[0] for job in jobs]  # the result of rank 0
+            jobs.append((overrides, executor.submit(self, *arguments, Singleton.get_state())))
+        return [job_return(job, list(overrides)) for overrides, job in jobs]
 
     def _executor(self, resources: dict[str, Any]) -> Any:
         import submitit  # imported when used: Hydra imports every plugin module at start-up
@@ -58,6 +62,38 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             }
         )
         return executor
+
+
+def job_return(job: Any, overrides: list[str]) -> JobReturn:
+    """The result of rank 0 of a Slurm job, once it is done. A job that ended without one
+    (scancelled, killed on its node, past its time) is one line and no result, as a failed
+    job of the other launchers: the sweep goes on, and its summary counts the job's run.
+    Without Slurm accounting (no sacct) submitit never learns that such a job ended and
+    would wait for ever; it is taken for ended once squeue has not shown it for
+    ``RESULT_GRACE_S`` (its result file, written as it ends, would be there by then)."""
+    from submitit.core.utils import UncompletedJobError
+
+    from cnnlab.tracking.runs import slurm_job_ended
+
+    gone_since = None
+    while not job.done():
+        if not slurm_job_ended(job.job_id):
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since > RESULT_GRACE_S:
+            return _no_result(job, overrides, "it is no longer in the queue")
+        time.sleep(POLL_S)
+    try:
+        return job.results()[0]
+    except UncompletedJobError as error:
+        return _no_result(job, overrides, str(error).splitlines()[0][:300])
+
+
+def _no_result(job: Any, overrides: list[str], why: str) -> JobReturn:
+    print(f"cnnlab: error: Slurm job {job.job_id} ({' '.join(overrides)}) ended without a "
+          f"result: {why}; see {job.paths.stderr}", file=sys.stderr, flush=True)  # fmt: skip
+    return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value=None)
 
 
 def job_resources(trainer: DictConfig, defaults: dict[str, Any]) -> dict[str, Any]:
