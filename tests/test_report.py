@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from scipy import special as scipy_special
 from scipy import stats as scipy_stats
+from statsmodels.stats.multitest import multipletests
 
 from cnnlab.checks import ConfigError
-from cnnlab.report import build_report, load_sweep
+from cnnlab.report import anova, build_report, load_sweep, verdicts
 from cnnlab.report import stats as report_stats
 from cnnlab.report.checkpoints import load_run_model
 from cnnlab.tracking.continuation import REUSED_TAG
@@ -54,6 +56,7 @@ def record_sweep(
                     "mlflow.parentRunId": parent_id,
                     "group": f"model.head={head}",
                     "factor.model.head": head,
+                    "seed": str(seed),
                 },
             )
             run_id = run.info.run_id
@@ -86,25 +89,33 @@ def client(tmp_path: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
 
 
-def test_groups_have_t_intervals_and_welch_tests_as_scipy_computes_them(client) -> None:
+def test_groups_read_back_have_bounded_intervals_and_holm_adjusted_welch_tests(client) -> None:
+    """nin ran seeds 0 and 1 only (its seed 2 FAILED), so no pairing: Welch's test, Holm
+    across the three pairs (the reference is the best, chosen by looking at them all)."""
     record_sweep(client)
     sweep = load_sweep(client, "heads")
+    assert list(sweep.jobs["seed"].dropna().unique()) == ["0", "1", "2"]
     table = report_stats.group_table(sweep.jobs, "test_acc").set_index("group")
     assert list(table.index) == ["model.head=fc", "model.head=nin", "model.head=gap"]
     fc = np.array(RESULTS["fc"])
-    half = scipy_stats.t.ppf(0.975, df=2) * fc.std(ddof=1) / math.sqrt(3)  # by hand
+    logits = scipy_special.logit(fc)
+    half = scipy_stats.t.ppf(0.975, df=2) * logits.std(ddof=1) / math.sqrt(3)  # by hand
     row = table.loc["model.head=fc"]
     assert row["test_acc_mean"] == pytest.approx(fc.mean())
     assert (row["test_acc_ci_low"], row["test_acc_ci_high"]) == pytest.approx(
-        (fc.mean() - half, fc.mean() + half)
+        tuple(scipy_special.expit([logits.mean() - half, logits.mean() + half]))
     )
     assert row["differs"] == "reference" and row["params"] == 44470
+    pairs = [("fc", "nin"), ("fc", "gap"), ("nin", "gap")]
+    raw = [scipy_stats.ttest_ind(RESULTS[a], RESULTS[b], equal_var=False).pvalue for a, b in pairs]
+    adjusted = dict(zip(pairs, multipletests(raw, method="holm")[1], strict=True))
     gap = table.loc["model.head=gap"]
-    expected = scipy_stats.ttest_ind(RESULTS["gap"], RESULTS["fc"], equal_var=False).pvalue
-    assert gap["p_welch"] == pytest.approx(expected) and gap["differs"] == "yes"
+    assert gap["test"] == "Welch t" and gap["p"] == pytest.approx(raw[1])
+    assert gap["p_holm"] == pytest.approx(adjusted[("fc", "gap")]) and gap["differs"] == "yes"
     nin = table.loc["model.head=nin"]
     assert (nin["n"], nin["failed"]) == (2, 1)  # the FAILED run is counted, not averaged
     assert nin["test_acc_mean"] == pytest.approx(0.98) and nin["differs"] == "no"
+    assert nin["detectable"] > 0
 
 
 def test_a_named_baseline_is_the_reference(client) -> None:
@@ -132,10 +143,12 @@ def test_marginal_effects_average_over_the_other_factors(client) -> None:
 
 def test_the_verdict_answers_which_by_how_much_and_whether_beyond_noise(client) -> None:
     record_sweep(client)
-    jobs = load_sweep(client, "heads").jobs
-    verdict = report_stats.verdict(jobs, "model.head", "test_acc")
-    assert verdict.startswith("model.head: fc is best with 98.00% mean test_acc (n = 3)")
-    assert "0.00 points above nin" in verdict and "within noise" in verdict
+    sweep = load_sweep(client, "heads")
+    model = anova.fit(sweep.finished, sweep.factors, "test_acc")
+    verdict = verdicts.factor_verdict(sweep.finished, "model.head", "test_acc", model)
+    assert "is tied for best with" in verdict  # fc and nin: 98.00% each
+    assert "8.00 points above gap (90.00%; 95% CI" in verdict
+    assert "the factor matters (ANOVA F(2, 5) = 50.00" in verdict  # not blocked: nin lacks s2
 
 
 def test_the_report_is_written_and_attached_to_the_parent(client, tmp_path: Path) -> None:
@@ -143,7 +156,8 @@ def test_the_report_is_written_and_attached_to_the_parent(client, tmp_path: Path
     page = build_report(client, "heads", out=tmp_path / "report")
     html = page.read_text()
     assert html.count("data:image/png;base64,") == 3 and "src='http" not in html
-    assert "Welch" in html and "model.head=gap" in html
+    assert "Welch" in html and "model.head=gap" in html and "Holm" in html
+    assert "ANOVA (type II, no blocks)" in html and "Tests: not paired by seed" in html
     markdown = (tmp_path / "report/report.md").read_text()
     assert "| model.head=gap " in markdown and "## Marginal effect of model.head" in markdown
     for name in ("accuracy_by_group.png", "val_acc_per_epoch.png", "accuracy_vs_params.png"):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from cnnlab.checks import ConfigError
-from cnnlab.report import render, stats
+from cnnlab.report import anova, render, stats, verdicts
 from cnnlab.report.collect import Sweep, load_sweep
+from cnnlab.report.context import context_lines
 
 
 def build_report(
@@ -46,20 +48,51 @@ def build_report(
     for name, figure in figures.items():
         plots[name] = out / name
         figure.savefig(plots[name], dpi=120)
-    tables = {"Groups": render.group_display(table)}
-    for factor in sweep.factors:
-        effects = stats.marginal_effects(jobs, factor, score)
-        tables[f"Marginal effect of {factor}"] = render.effects_display(effects, factor)
-    verdicts = [stats.verdict(jobs, factor, score) for factor in sweep.factors]
+    answer, tables = _answer(sweep, score, table)
     title = f"Ablation report: {sweep.experiment_name}"
-    facts = _facts(sweep, score)
+    facts = [*context_lines(sweep.parents, sweep.settings), *_facts(sweep, score)]
     table.to_csv(out / "groups.csv", index=False)
-    (out / "report.md").write_text(render.markdown(title, facts, verdicts, tables))
+    (out / "report.md").write_text(render.markdown(title, facts, answer, tables))
     page = out / "report.html"
-    page.write_text(render.html_page(title, facts, verdicts, tables, plots))
+    page.write_text(render.html_page(title, facts, answer, tables, plots))
     if attach:  # a pooled report beside the first sweep's own
         client.log_artifacts(sweep.parent.info.run_id, str(out), _artifact_path(sweep))
     return page
+
+
+def _answer(
+    sweep: Sweep, score: str, table: pd.DataFrame
+) -> tuple[list[str], dict[str, pd.DataFrame]]:
+    """The verdicts, the design's line (which tests ran, and why) and the tables."""
+    done, factors = sweep.finished, sweep.factors
+    model = anova.fit(done, factors, score)
+    answer = [verdicts.factor_verdict(done, factor, score, model) for factor in factors]
+    answer += verdicts.interaction_verdicts(done, score, model)
+    if len(factors) > 1:
+        answer.append(verdicts.best_configuration(table))
+    answer.append(_design(done))
+    tables = {"Groups": render.group_display(table)}
+    if isinstance(model, anova.Anova):
+        kind = "blocked by seed" if model.blocked else "no blocks"
+        tables[f"ANOVA (type II, {kind})"] = render.anova_display(model.terms)
+    for factor in factors:
+        effects = stats.marginal_effects(sweep.jobs, factor, score)
+        tables[f"Marginal effect of {factor}"] = render.effects_display(effects, factor)
+    return answer, tables
+
+
+def _design(done: pd.DataFrame) -> str:
+    paired, why = stats.seeds_shared(done)
+    if paired:
+        return (
+            f"Tests: paired by seed ({why}; a seed fixes initialisation and batch order, so "
+            "runs of one seed share their luck): paired t-tests between groups, the seed a "
+            "block of the ANOVA."
+        )
+    return (
+        f"Tests: not paired by seed ({why}): Welch's t-tests between groups, an ANOVA "
+        "without blocks."
+    )
 
 
 def _artifact_path(sweep: Sweep) -> str:

@@ -27,6 +27,16 @@ METRICS = {
     "metrics.time/images_per_s": "images_per_s",
 }
 PARAMS = {"params.model/params_total": "params", "params.model/flops": "flops"}
+# What the runs were trained on and how long, for the report's context header.
+SETTINGS = (
+    "data/name",
+    "data/source_resolved",
+    "data/train_images",
+    "data/val_images",
+    "data/test_images",
+    "model/name",
+    "trainer/max_epochs",
+)
 UNSWEPT = "(unswept)"  # a pooled sweep's factor that a run's params do not name (a config group)
 
 
@@ -39,6 +49,7 @@ class Sweep:
     factors: list[str]  # swept settings, as in the jobs' factor.<setting> tags
     jobs: pd.DataFrame  # one row per job: run_id, run_name, status, group, factors, metrics
     curves: pd.DataFrame  # run_id, group, epoch, val_acc: validation accuracy per epoch
+    settings: dict[str, list[str]]  # SETTINGS -> the distinct values of the FINISHED runs
 
     @property
     def parent(self) -> Run:
@@ -93,7 +104,7 @@ def load_sweep(client: MlflowClient, experiment: str | None, parent: str = "late
         frame = pooled(frame, factors)
     jobs = _jobs(frame, factors)
     name = "+".join(dict.fromkeys(experiment_name for experiment_name, _ in found))
-    return Sweep(name, parents, factors, jobs, _curves(client, jobs))
+    return Sweep(name, parents, factors, jobs, _curves(client, jobs), _settings(frame))
 
 
 def _named(parent: str) -> list[str]:
@@ -171,7 +182,7 @@ def _trained_once(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _jobs(frame: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
-    columns = ["run_id", "run_name", "status", "group", *factors, *METRICS.values()]
+    columns = ["run_id", "run_name", "status", "group", "seed", *factors, *METRICS.values()]
     columns += list(PARAMS.values())
     if frame.empty:
         return pd.DataFrame(columns=columns)
@@ -181,6 +192,7 @@ def _jobs(frame: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
             "run_name": frame.get("tags.mlflow.runName"),
             "status": frame["status"],
             "group": frame.get("tags.group", pd.Series("", index=frame.index)).fillna(""),
+            "seed": frame.get("tags.seed", pd.Series(index=frame.index, dtype=object)),
         }
     )
     for factor in factors:
@@ -190,6 +202,15 @@ def _jobs(frame: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
     for source, target in PARAMS.items():
         jobs[target] = pd.to_numeric(frame.get(source), errors="coerce")
     return jobs[columns].reset_index(drop=True)
+
+
+def _settings(frame: pd.DataFrame) -> dict[str, list[str]]:
+    finished = frame[frame["status"] == "FINISHED"] if "status" in frame else frame
+    found = {}
+    for name in SETTINGS:
+        column = finished.get(f"params.{name}")
+        found[name] = [] if column is None else sorted(column.dropna().astype(str).unique())
+    return found
 
 
 def _curves(client: MlflowClient, jobs: pd.DataFrame) -> pd.DataFrame:

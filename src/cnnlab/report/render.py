@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from cnnlab.report import stats
+from cnnlab.report.verdicts import short
 
 PLOTS = {
-    "accuracy_by_group.png": "Accuracy per group (mean, 95% CI, each run a dot)",
+    "accuracy_by_group.png": "Accuracy per group (mean, 95% interval, each run a dot)",
     "val_acc_per_epoch.png": "Validation accuracy per epoch (mean over seeds, band: ± 1 std)",
-    "accuracy_vs_params.png": "Accuracy against parameter count (mean, 95% CI)",
+    "accuracy_vs_params.png": "Accuracy against parameter count (mean, 95% interval)",
 }
 
 
@@ -29,17 +30,24 @@ def accuracy_by_group(table: pd.DataFrame, jobs: pd.DataFrame, score: str) -> Fi
         line = table[table["group"] == group].iloc[0]
         runs = jobs[(jobs["group"] == group) & (jobs["status"] == "FINISHED")][score]
         axes.scatter(runs * 100, [row] * len(runs), color="0.6", s=12, zorder=2)
-        low, high = line[f"{score}_ci_low"], line[f"{score}_ci_high"]
         mean = line[f"{score}_mean"] * 100
-        if not math.isnan(low):
-            axes.errorbar(mean, row, xerr=[[mean - low * 100], [high * 100 - mean]],
-                          fmt="o", color="C0", capsize=4, zorder=3)  # fmt: skip
-        else:
-            axes.plot(mean, row, "o", color="C0", zorder=3)
-    axes.set_yticks(range(len(groups)), [_short(g) for g in groups])
+        axes.errorbar(mean, row, xerr=_error(line, score, mean), fmt="o", color="C0", capsize=4,
+                      zorder=3)  # fmt: skip
+    axes.set_yticks(range(len(groups)), [short(g) for g in groups])
     axes.set_xlabel(f"{score.replace('_', ' ')} (%)")
+    low, high = axes.get_xlim()
+    axes.set_xlim(max(low, 0), min(high, 100.5))  # accuracy lives in [0, 100]
     axes.grid(axis="x", alpha=0.3)
     return figure
+
+
+def _error(line: pd.Series, score: str, mean: float) -> list[list[float]] | None:
+    """The interval around ``mean`` as errorbar wants it (the logit interval is not
+    symmetric), or None without one."""
+    low, high = line[f"{score}_ci_low"], line[f"{score}_ci_high"]
+    if math.isnan(low):
+        return None
+    return [[max(mean - low * 100, 0.0)], [max(high * 100 - mean, 0.0)]]
 
 
 def val_acc_per_epoch(curves: pd.DataFrame, order: list[str]) -> Figure:
@@ -51,7 +59,7 @@ def val_acc_per_epoch(curves: pd.DataFrame, order: list[str]) -> Figure:
             continue
         per_epoch = runs.groupby("epoch")["val_acc"].agg(["mean", "std"]).fillna(0) * 100
         axes.plot(per_epoch.index + 1, per_epoch["mean"], color=f"C{color % 10}", marker=".",
-                  label=_short(group))  # fmt: skip
+                  label=short(group))  # fmt: skip
         axes.fill_between(per_epoch.index + 1, per_epoch["mean"] - per_epoch["std"],
                           per_epoch["mean"] + per_epoch["std"], color=f"C{color % 10}",
                           alpha=0.2)  # fmt: skip
@@ -65,23 +73,32 @@ def val_acc_per_epoch(curves: pd.DataFrame, order: list[str]) -> Figure:
 
 
 def accuracy_vs_params(table: pd.DataFrame, score: str) -> Figure:
-    figure = Figure(figsize=(8, 4.5), layout="tight")
+    """Each group a marker named in the legend (labels beside points overlapped where
+    parameter counts are alike, as in a pooling ablation); a log axis only where the counts
+    span a decade, plain counts otherwise (a log axis labelled its minor ticks on top of
+    each other)."""
+    figure = Figure(figsize=(9, 4.5), layout="constrained")
     axes = figure.subplots()
-    for _, line in table.iterrows():
-        if math.isnan(line["params"]) or math.isnan(line[f"{score}_mean"]):
-            continue
+    shown = table[table["params"].notna() & table[f"{score}_mean"].notna()]
+    for index, (_, line) in enumerate(shown.iterrows()):
         mean = line[f"{score}_mean"] * 100
-        error = (
-            0.0 if math.isnan(line[f"{score}_ci_high"]) else line[f"{score}_ci_high"] * 100 - mean
-        )
-        axes.errorbar(line["params"], mean, yerr=error, fmt="o", capsize=4)
-        axes.annotate(_short(line["group"]), (line["params"], mean), fontsize="small",
-                      textcoords="offset points", xytext=(5, 5))  # fmt: skip
-    axes.set_xscale("log")
+        axes.errorbar(line["params"], mean, yerr=_error(line, score, mean), capsize=4,
+                      fmt=MARKERS[index // 10 % len(MARKERS)], color=f"C{index % 10}",
+                      label=short(line["group"]))  # fmt: skip
+    if len(shown) and shown["params"].max() >= 10 * shown["params"].min():
+        axes.set_xscale("log")
+    else:
+        axes.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+        axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
     axes.set_xlabel("parameters")
     axes.set_ylabel(f"{score.replace('_', ' ')} (%)")
     axes.grid(alpha=0.3)
+    if len(shown):
+        axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     return figure
+
+
+MARKERS = ("o", "s", "^", "D", "v")
 
 
 def group_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -103,9 +120,33 @@ def group_display(table: pd.DataFrame) -> pd.DataFrame:
     shown["FLOPs"] = table["flops"].map(_count)
     shown["fit (s)"] = table["fit_s"].map(lambda v: "" if math.isnan(v) else f"{v:.1f}")
     shown["images/s"] = table["images_per_s"].map(_count)
-    shown["p (Welch)"] = table["p_welch"].map(lambda v: "" if math.isnan(v) else f"{v:.3g}")
-    shown[f"differs from {_short(table['vs'].iloc[0])}"] = table["differs"]
+    reference = short(table["vs"].iloc[0])
+    shown[f"vs {reference} (points)"] = table["diff"].map(lambda v: _points(v, "+.2f"))
+    shown["95% CI (points)"] = [
+        "" if math.isnan(lo) else f"[{lo * 100:+.2f}, {hi * 100:+.2f}]"
+        for lo, hi in zip(_column(table, "diff_low"), _column(table, "diff_high"), strict=True)
+    ]
+    shown["test"] = table["test"]
+    shown["p"] = _column(table, "p").map(_p)
+    shown["p (Holm)"] = _column(table, "p_holm").map(_p)
+    shown[f"differs from {reference}"] = table["differs"]
+    shown["detectable (points)"] = _column(table, "detectable").map(
+        lambda v: "> 100" if v > 1 else _points(v)  # no difference of accuracies is that big
+    )
     return shown
+
+
+def anova_display(terms: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "term": terms["term"],
+            "df": terms["df"],
+            "F": terms["F"].map(lambda v: f"{v:.2f}"),
+            "p": terms["p"].map(_p),
+            "p (Holm)": terms["p_holm"].map(_p),
+            "partial η²": terms["eta_p2"].map(lambda v: f"{v:.3f}"),
+        }
+    )
 
 
 def effects_display(effects: pd.DataFrame, factor: str) -> pd.DataFrame:
@@ -161,11 +202,22 @@ def html_page(
 
 METHOD = (
     "Method: only FINISHED runs are averaged (FAILED and RUNNING ones are counted). Mean ± "
-    "sample standard deviation over seeds; 95% confidence interval of the mean from "
-    "Student's t-distribution. Groups are ranked, and the reference chosen, by validation "
-    "accuracy, so that picking the best never looks at the test set. 'differs' compares "
-    "each group with the reference by Welch's t-test (unequal variances), two-sided, at "
-    f"alpha = {stats.ALPHA}, not corrected for the number of comparisons. Marginal effects "
+    "sample standard deviation over seeds; the 95% interval of a mean is Student's t on the "
+    "logit of the accuracies, mapped back, so it stays inside [0, 100]%. Groups are ranked, "
+    "and the reference chosen, by validation accuracy, so that picking the best never looks "
+    "at the test set. Each group is compared with the reference: where both ran the same "
+    "seeds, a paired t-test over seeds (a seed fixes initialisation and batch order, so "
+    "runs of one seed share their luck); otherwise Welch's t-test. p-values are Holm-"
+    "adjusted across every pair of groups when the reference is the best (choosing it "
+    "compared them all), across the groups against it when it is a named baseline; a "
+    f"difference is claimed at adjusted p < {stats.ALPHA}. Where none is claimed, "
+    "'detectable' is the difference the same test would find with 80% power at the "
+    "strictest Holm level. Factors: a type-II ANOVA of the score on every factor and their "
+    "interactions, the seed a block where every group ran the same seeds, Holm across its "
+    "terms; partial η² per term. A factor's levels are compared, once the factor matters, "
+    "by t-tests on the ANOVA's residual spread (Holm across the factor's pairs); 'tied' "
+    "levels are not separated from the best. Power and seeds needed are statsmodels' "
+    "solvers for that F-test, with the residual spread measured here. Marginal effects "
     "average a factor's runs over the other factors' levels."
 )
 
@@ -186,12 +238,6 @@ img {{ max-width: 100%; }}
 """
 
 
-def _short(group: str) -> str:
-    """``model.pooling=max,model.head=gap`` as ``pooling=max head=gap`` for labels."""
-    parts = [part.split("=", 1) for part in group.split(",") if "=" in part]
-    return " ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in parts) or group
-
-
 def _mean_std(mean: float, std: float) -> str:
     if math.isnan(mean):
         return ""
@@ -200,6 +246,19 @@ def _mean_std(mean: float, std: float) -> str:
 
 def _interval(low: float, high: float) -> str:
     return "" if math.isnan(low) else f"[{low * 100:.2f}, {high * 100:.2f}]"
+
+
+def _column(table: pd.DataFrame, name: str) -> pd.Series:
+    """``table[name]``, or NaN where the table has no such column (no row had it)."""
+    return table[name] if name in table else pd.Series(math.nan, index=table.index)
+
+
+def _p(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.3g}"
+
+
+def _points(value: float, spec: str = ".2f") -> str:
+    return "" if math.isnan(value) else f"{value * 100:{spec}}"
 
 
 def _count(value: float) -> str:

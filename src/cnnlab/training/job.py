@@ -91,7 +91,7 @@ class FitResult:
 
 def facts(job: Job, report: ModelReport) -> dict[str, str]:
     """What the built job says about itself, as params: the model's size and cost, where it
-    runs, with how many processes and threads, and which data source delivered."""
+    runs, with how many processes and threads, and which data source delivered how many images."""
     trainer = job.trainer
     return {
         "model/params_total": str(report.params_total),
@@ -103,7 +103,14 @@ def facts(job: Job, report: ModelReport) -> dict[str, str]:
         "trainer/device_type": trainer.strategy.root_device.type,
         "trainer/cpu_threads": str(torch.get_num_threads()),
         "data/source_resolved": str(job.datamodule.source_used),
+        **split_sizes(job.datamodule),
     }
+
+
+def split_sizes(datamodule: ImageDataModule) -> dict[str, str]:
+    """How many images each split holds (the report's context header), once they are set up."""
+    splits = {"train": datamodule.train_set, "val": datamodule.val_set, "test": datamodule.test_set}
+    return {f"data/{name}_images": str(len(data)) for name, data in splits.items() if data is not None}
 
 
 def processes_from(trainer: L.Trainer) -> str:
