@@ -17,7 +17,7 @@ import torch
 from mlflow import MlflowClient
 from scipy import special as scipy_special
 from scipy import stats as scipy_stats
-from statsmodels.stats.multitest import multipletests
+from statsmodels.formula.api import ols
 
 from cnnlab.checks import ConfigError
 from cnnlab.report import anova, build_report, load_sweep, verdicts
@@ -89,9 +89,10 @@ def client(tmp_path: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
 
 
-def test_groups_read_back_have_bounded_intervals_and_holm_adjusted_welch_tests(client) -> None:
-    """nin ran seeds 0 and 1 only (its seed 2 FAILED), so no pairing: Welch's test, Holm
-    across the three pairs (the reference is the best, chosen by looking at them all)."""
+def test_groups_read_back_have_bounded_intervals_and_blocked_holm_adjusted_tests(client) -> None:
+    """nin ran seeds 0 and 1 only (its seed 2 FAILED); every group is in one model with the
+    seed as a block; Holm across the three pairs (the reference is the best, chosen by
+    looking at them all)."""
     record_sweep(client)
     sweep = load_sweep(client, "heads")
     assert list(sweep.jobs["seed"].dropna().unique()) == ["0", "1", "2"]
@@ -106,15 +107,17 @@ def test_groups_read_back_have_bounded_intervals_and_holm_adjusted_welch_tests(c
         tuple(scipy_special.expit([logits.mean() - half, logits.mean() + half]))
     )
     assert row["differs"] == "reference" and row["params"] == 44470
-    pairs = [("fc", "nin"), ("fc", "gap"), ("nin", "gap")]
-    raw = [scipy_stats.ttest_ind(RESULTS[a], RESULTS[b], equal_var=False).pvalue for a, b in pairs]
-    adjusted = dict(zip(pairs, multipletests(raw, method="holm")[1], strict=True))
+    finished = sweep.finished.rename(columns={"test_acc": "y"})
+    model = ols("y ~ C(group) + C(seed)", finished).fit()
+    pairwise = model.t_test_pairwise("C(group)", method="holm").result_frame
     gap = table.loc["model.head=gap"]
-    assert gap["test"] == "Welch t" and gap["p"] == pytest.approx(raw[1])
-    assert gap["p_holm"] == pytest.approx(adjusted[("fc", "gap")]) and gap["differs"] == "yes"
+    expected = pairwise.loc["model.head=gap-model.head=fc"]
+    assert gap["test"] == "blocked t" and gap["p"] == pytest.approx(expected["P>|t|"])
+    assert gap["p_holm"] == pytest.approx(expected["pvalue-holm"]) and gap["differs"] == "yes"
     nin = table.loc["model.head=nin"]
     assert (nin["n"], nin["failed"]) == (2, 1)  # the FAILED run is counted, not averaged
     assert nin["test_acc_mean"] == pytest.approx(0.98) and nin["differs"] == "no"
+    assert nin["p"] == pytest.approx(pairwise.loc["model.head=nin-model.head=fc", "P>|t|"])
     assert nin["detectable"] > 0
 
 
@@ -157,7 +160,8 @@ def test_the_report_is_written_and_attached_to_the_parent(client, tmp_path: Path
     html = page.read_text()
     assert html.count("data:image/png;base64,") == 3 and "src='http" not in html
     assert "Welch" in html and "model.head=gap" in html and "Holm" in html
-    assert "ANOVA (type II, no blocks)" in html and "Tests: not paired by seed" in html
+    assert "ANOVA (type II, no blocks)" in html
+    assert "Tests: runs of one seed compared with each other" in html
     markdown = (tmp_path / "report/report.md").read_text()
     assert "| model.head=gap " in markdown and "## Marginal effect of model.head" in markdown
     for name in ("accuracy_by_group.png", "val_acc_per_epoch.png", "accuracy_vs_params.png"):

@@ -58,41 +58,78 @@ def test_a_mean_interval_is_t_on_the_logit_and_stays_inside_0_and_1() -> None:
     assert same["ci_low"] == same["ci_high"] == pytest.approx(0.9)
 
 
-def test_groups_with_the_same_seeds_are_paired_and_holm_covers_every_pair() -> None:
+def by_hand(jobs: pd.DataFrame, first: str, second: str):
+    """``first`` minus ``second`` in ``val_acc ~ C(group) + C(seed)``, fitted here."""
+    model = ols("val_acc ~ C(group) + C(seed)", jobs).fit()
+    names = list(model.params.index)
+    contrast = np.zeros(len(names))
+    for group, sign in ((first, 1), (second, -1)):
+        if f"C(group)[T.{group}]" in names:
+            contrast[names.index(f"C(group)[T.{group}]")] = sign
+    return model.t_test(contrast), model.df_resid
+
+
+def test_groups_with_recorded_seeds_are_compared_with_the_seed_a_block() -> None:
+    """One model for every group, the seed a block: the seed's luck is taken out and the
+    residual spread pooled (4 df here, not the 2 of one paired t-test); Holm across every
+    pair, since choosing the best compared them all."""
     accuracies = {"fc": [0.97, 0.95, 0.98], "gap": [0.96, 0.93, 0.975], "nin": [0.90, 0.91, 0.89]}
-    table = stats.group_table(sweep(accuracies), "val_acc").set_index("group")
+    jobs = sweep(accuracies)
+    table = stats.group_table(jobs, "val_acc").set_index("group")
     assert table.index[0] == "model.head=fc" and set(table["family"]) == {3}
+    names = {level: f"model.head={level}" for level in accuracies}
     pairs = list(itertools.combinations(accuracies, 2))
-    raw = [scipy_stats.ttest_rel(accuracies[a], accuracies[b]).pvalue for a, b in pairs]
+    raw = [float(by_hand(jobs, names[a], names[b])[0].pvalue) for a, b in pairs]
     adjusted = dict(zip(pairs, multipletests(raw, method="holm")[1], strict=True))
     gap = table.loc["model.head=gap"]
-    by_hand = scipy_stats.ttest_rel(accuracies["gap"], accuracies["fc"])
-    assert gap["test"] == "paired t"
+    test, df = by_hand(jobs, names["gap"], names["fc"])
+    assert (gap["test"], df) == ("blocked t", 4)
     assert gap["diff"] == pytest.approx(np.mean(accuracies["gap"]) - np.mean(accuracies["fc"]))
-    assert gap["p"] == pytest.approx(by_hand.pvalue)
-    assert (gap["diff_low"], gap["diff_high"]) == pytest.approx(
-        tuple(by_hand.confidence_interval(0.95))
-    )
+    assert gap["p"] == pytest.approx(float(test.pvalue))
+    assert (gap["diff_low"], gap["diff_high"]) == pytest.approx(tuple(test.conf_int()[0]))
     assert gap["p_holm"] == pytest.approx(adjusted[("fc", "gap")])
     assert table.loc["model.head=nin", "p_holm"] == pytest.approx(adjusted[("fc", "nin")])
 
 
+def test_two_groups_blocked_by_seed_are_the_paired_t_test() -> None:
+    accuracies = {"fc": [0.97, 0.95, 0.98, 0.96], "gap": [0.96, 0.93, 0.975, 0.95]}
+    gap = stats.group_table(sweep(accuracies), "val_acc").set_index("group").loc["model.head=gap"]
+    paired = scipy_stats.ttest_rel(accuracies["gap"], accuracies["fc"])
+    assert gap["p"] == pytest.approx(paired.pvalue)
+    assert (gap["diff_low"], gap["diff_high"]) == pytest.approx(
+        tuple(paired.confidence_interval(0.95))
+    )
+
+
 def test_a_named_baseline_makes_the_family_the_groups_against_it() -> None:
     accuracies = {"fc": [0.97, 0.95, 0.98], "gap": [0.96, 0.93, 0.975], "nin": [0.90, 0.91, 0.89]}
-    table = stats.group_table(sweep(accuracies), "val_acc", baseline="model.head=nin")
-    raw = [scipy_stats.ttest_rel(accuracies[g], accuracies["nin"]).pvalue for g in ("fc", "gap")]
+    jobs = sweep(accuracies)
+    table = stats.group_table(jobs, "val_acc", baseline="model.head=nin")
+    raw = [
+        float(by_hand(jobs, f"model.head={g}", "model.head=nin")[0].pvalue) for g in ("fc", "gap")
+    ]
     assert set(table["family"]) == {2}
     found = table.set_index("group").loc[["model.head=fc", "model.head=gap"], "p_holm"]
     assert list(found) == pytest.approx(list(multipletests(raw, method="holm")[1]))
 
 
-def test_groups_without_the_same_seeds_get_welchs_test() -> None:
+def test_groups_of_different_seeds_are_compared_in_the_same_blocked_model() -> None:
+    """As after a race, or a failed job: gap ran seeds 0 and 1, fc 0, 1 and 2."""
     jobs = sweep({"fc": [0.97, 0.95, 0.98], "gap": [0.90, 0.91]})
-    table = stats.group_table(jobs, "val_acc").set_index("group")
-    gap = table.loc["model.head=gap"]
+    gap = stats.group_table(jobs, "val_acc").set_index("group").loc["model.head=gap"]
+    test, _ = by_hand(jobs, "model.head=gap", "model.head=fc")
+    assert gap["test"] == "blocked t" and gap["p"] == pytest.approx(float(test.pvalue))
+    assert stats.seeds_shared(jobs) == (False, "the groups did not all run the same seeds")
+    model = anova.fit(jobs, ["model.head"], "val_acc")
+    assert not model.blocked  # the ANOVA's block needs every group on every seed
+
+
+def test_runs_without_their_seed_get_welchs_test() -> None:
+    jobs = sweep({"fc": [0.97, 0.95, 0.98], "gap": [0.90, 0.91]}).assign(seed=None)
+    gap = stats.group_table(jobs, "val_acc").set_index("group").loc["model.head=gap"]
     by_hand = scipy_stats.ttest_ind([0.90, 0.91], [0.97, 0.95, 0.98], equal_var=False)
     assert gap["test"] == "Welch t" and gap["p"] == pytest.approx(by_hand.pvalue)
-    assert stats.seeds_shared(jobs) == (False, "the groups did not all run the same seeds")
+    assert stats.seeds_shared(jobs) == (False, "some runs do not record their seed")
 
 
 def test_a_difference_not_shown_says_what_the_design_would_detect() -> None:
@@ -100,7 +137,7 @@ def test_a_difference_not_shown_says_what_the_design_would_detect() -> None:
     gap = stats.group_table(sweep(accuracies), "val_acc").set_index("group").loc["model.head=gap"]
     assert gap["differs"] == "no"
     sd = np.std(np.subtract(accuracies["gap"], accuracies["fc"]), ddof=1)
-    d = TTestPower().solve_power(None, nobs=3, alpha=0.05, power=0.8)
+    d = TTestPower().solve_power(None, nobs=3, alpha=0.05, power=0.8)  # two groups: paired
     assert gap["detectable"] == pytest.approx(d * sd, rel=1e-3)
 
 

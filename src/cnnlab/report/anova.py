@@ -16,8 +16,9 @@ from scipy import stats
 from statsmodels.formula.api import ols
 from statsmodels.stats.anova import anova_lm
 
+from cnnlab.report.pairs import ALPHA, CONFIDENCE, Comparison, holm
 from cnnlab.report.power import FactorDesign
-from cnnlab.report.stats import ALPHA, CONFIDENCE, Comparison, holm, seeds_shared
+from cnnlab.report.stats import seeds_shared
 
 INTERACTION = " \N{MULTIPLICATION SIGN} "  # as a paper writes an interaction
 
@@ -110,9 +111,7 @@ def level_comparisons(
         se = math.sqrt(anova.mse * (1 / a["count"] + 1 / b["count"]))
         p = 2 * stats.t.sf(abs(diff) / se, anova.df_resid) if se > 0 else float(diff == 0)
         low, high = max(diff - t_critical * se, -1.0), min(diff + t_critical * se, 1.0)
-        found[(first, second)] = Comparison(
-            diff, low, high, p, "LSD", int(min(a["count"], b["count"])), math.sqrt(anova.mse)
-        )
+        found[(first, second)] = Comparison(diff, low, high, p, "LSD", se, anova.df_resid)
     adjusted = holm([c.p for c in found.values()])
     return {pair: (c, p) for (pair, c), p in zip(found.items(), adjusted, strict=True)}
 

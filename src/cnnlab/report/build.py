@@ -13,6 +13,7 @@ from cnnlab.checks import ConfigError
 from cnnlab.report import anova, render, stats, verdicts
 from cnnlab.report.collect import Sweep, load_sweep
 from cnnlab.report.context import context_lines
+from cnnlab.report.verdicts import short
 
 
 def build_report(
@@ -82,16 +83,18 @@ def _answer(
 
 
 def _design(done: pd.DataFrame) -> str:
-    paired, why = stats.seeds_shared(done)
-    if paired:
+    """Which tests ran, and why."""
+    if not stats.seeds_recorded(done):
         return (
-            f"Tests: paired by seed ({why}; a seed fixes initialisation and batch order, so "
-            "runs of one seed share their luck): paired t-tests between groups, the seed a "
-            "block of the ANOVA."
+            "Tests: runs do not record their seed (or a group ran one twice): Welch's t-test "
+            "between groups, an ANOVA without blocks."
         )
+    blocked, why = stats.seeds_shared(done)
+    anova_line = "the seed a block of the ANOVA" if blocked else f"an ANOVA without blocks ({why})"
     return (
-        f"Tests: not paired by seed ({why}): Welch's t-tests between groups, an ANOVA "
-        "without blocks."
+        "Tests: runs of one seed compared with each other (a seed fixes initialisation and "
+        "batch order, so its runs share their luck): groups by t-tests in one model with the "
+        f"seed as a block (score ~ group + seed), {anova_line}."
     )
 
 
@@ -107,6 +110,7 @@ def _facts(sweep: Sweep, score: str) -> list[str]:
             "(cnnlab.group_hash); a configuration and seed trained twice counts once."
         )
     facts.append(f"Jobs: {_counts(sweep)}; groups ranked by mean {score.replace('_', ' ')}.")
+    facts += [_raced(parent) for parent in sweep.parents if "racing.jobs" in parent.data.tags]
     statuses = {parent.info.status for parent in sweep.parents}
     which = "the sweep" if len(sweep.parents) == 1 else "a sweep"
     if "RUNNING" in statuses:
@@ -117,6 +121,24 @@ def _facts(sweep: Sweep, score: str) -> list[str]:
             "this report shows the jobs it recorded."
         )
     return facts
+
+
+def _raced(parent: Run) -> str:
+    """What a racing sweep (hydra/sweeper=racing) spent against the full grid."""
+    tags = parent.data.tags
+    jobs, full = int(tags["racing.jobs"]), int(tags["racing.full_grid_jobs"])
+    max_seeds = json.loads(tags.get("racing.settings", "{}")).get("max_seeds", "?")
+    dropped = [item.rpartition("@") for item in tags.get("racing.dropped", "").split(";") if item]
+    text = (
+        f"Raced: {jobs} jobs against {full} for the full grid at {max_seeds} seeds per group "
+        f"({jobs / full:.0%}); still racing at the end: "
+        f"{', '.join(short(g) for g in tags.get('racing.still_racing', '').split(';') if g)}"
+    )
+    if dropped:
+        text += "; dropped early: " + ", ".join(
+            f"{short(g)} after {n} seeds" for g, _, n in dropped
+        )
+    return text + "."
 
 
 def _about(parent: Run) -> str:

@@ -18,30 +18,20 @@ POWER = 0.8
 MAX_SEEDS = 100_000  # past this a design "needs more seeds than anyone will run"
 
 
-def detectable_t(sd: float, n: int, alpha: float, paired: bool) -> float:
-    """The difference a t-test with ``n`` seeds (paired) or ``n`` runs a group (Welch,
-    approximated by the equal-variance test) detects with 80% power; NaN where it cannot
-    be said (n < 2, or no spread)."""
-    if n < 2 or not sd > 0:
+def detectable(se: float, df: float, alpha: float) -> float:
+    """The difference a two-sided t-test with standard error ``se`` and ``df`` degrees of
+    freedom finds with 80% power; NaN where it cannot be said (no spread, no df)."""
+    if not se > 0 or not df >= 1:
         return math.nan
-    d = _standardized(n, alpha, paired)
-    return d * sd
+    return se * math.sqrt(_noncentrality(float(df), alpha))
 
 
 @functools.lru_cache(maxsize=1024)
-def _standardized(n: int, alpha: float, paired: bool) -> float:
-    """Cohen's d (d_z when paired) found with 80% power; the same for every pair of a table.
-
-    A two-sided t-test is the F-test of its square: noncentrality d^2 n (paired, n - 1
-    residual df) or d^2 n / 2 (two groups of n, 2n - 2 df). statsmodels' TTestPower returns
-    NaN for 2 seeds at large d (measured: d = 8, 12, 16), its F power does not."""
-    df_resid = n - 1 if paired else 2 * n - 2
-    per_d2 = n if paired else n / 2  # noncentrality / d^2
-
-    def power_of(d2: float) -> float:
-        return FTestPowerF2().power(d2 * per_d2 / (1 + df_resid), 1, df_resid, alpha, ncc=0)
-
-    return math.sqrt(_solved(power_of))
+def _noncentrality(df: float, alpha: float) -> float:
+    """(diff / se)^2 at which the t-test has 80% power: a two-sided t-test is the F-test of
+    its square, F(1, df). statsmodels' TTestPower returns NaN for 2 seeds at large effects
+    (measured: d = 8, 12, 16); its F power does not. (statsmodels: nc = f2 (df1 + df2).)"""
+    return _solved(lambda nc: FTestPowerF2().power(nc / (1 + df), 1, df, alpha, ncc=0))
 
 
 @dataclass(frozen=True)

@@ -6,20 +6,16 @@ for every difference not shown the smallest one this design detects."""
 
 from __future__ import annotations
 
-import gc
 import itertools
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import special, stats
-from statsmodels.stats.multitest import multipletests
 
 from cnnlab.report import power
+from cnnlab.report.pairs import ALPHA, CONFIDENCE, blocked, holm, welch
 
-CONFIDENCE = 0.95
-ALPHA = 0.05  # a Holm-adjusted p below this is reported as a difference
 SCORES = ("test_acc", "val_acc")
 # Accuracies of exactly 0 or 1 are moved this far inside before the logit (a finite
 # interval that still reaches the bound).
@@ -47,104 +43,6 @@ def describe(values: pd.Series) -> dict[str, float]:
     return {"n": n, "mean": mean, "std": std, "ci_low": float(low), "ci_high": float(high)}
 
 
-@dataclass(frozen=True)
-class Comparison:
-    """``first`` against ``second``: their difference (a fraction of 1), its 95% interval,
-    the two-sided p-value, and what a power analysis needs."""
-
-    diff: float
-    low: float
-    high: float
-    p: float
-    test: str  # "paired t" or "Welch t"
-    n: int  # seeds paired, or the smaller group's runs
-    sd: float  # of the paired differences, or the two groups' pooled SD
-
-
-NO_COMPARISON = Comparison(math.nan, math.nan, math.nan, math.nan, "n < 2", 0, math.nan)
-
-
-def compare(first: pd.Series, second: pd.Series, paired: bool) -> Comparison:
-    """A paired t-test over the seeds both ran (``paired``: the series are indexed by seed),
-    or Welch's t-test (unequal variances)."""
-    first, second = first.dropna(), second.dropna()
-    if paired:
-        first, second = first.align(second, join="inner")
-        diffs = first - second
-        n, sd = len(diffs), float(diffs.std(ddof=1)) if len(diffs) > 1 else math.nan
-        if n < 2:
-            return NO_COMPARISON
-        if sd == 0:  # every seed gives the same difference: no spread to test against
-            return _exact(float(diffs.mean()), "paired t", n)
-        result = stats.ttest_rel(first, second)
-        return _comparison(float(diffs.mean()), result, "paired t", n, sd)
-    n = min(len(first), len(second))
-    if n < 2:
-        return NO_COMPARISON
-    if first.std(ddof=1) == 0 and second.std(ddof=1) == 0:
-        return _exact(float(first.mean() - second.mean()), "Welch t", n)
-    result = stats.ttest_ind(first, second, equal_var=False)
-    pooled = math.sqrt((first.var(ddof=1) + second.var(ddof=1)) / 2)
-    return _comparison(float(first.mean() - second.mean()), result, "Welch t", n, pooled)
-
-
-def compare_all(
-    scores: dict[str, pd.Series], pairs: list[tuple[str, str]], paired: bool
-) -> dict[tuple[str, str], Comparison]:
-    """:func:`compare` for every pair; paired pairs in one vectorised ``ttest_rel`` (a
-    calibration study runs thousands of reports)."""
-    if not paired or not pairs:
-        empty = pd.Series(dtype=float)
-        return {
-            pair: compare(scores.get(pair[0], empty), scores.get(pair[1], empty), paired)
-            for pair in pairs
-        }
-    matrix = pd.DataFrame(scores).T  # (groups, seeds): every group ran the same seeds
-    first = matrix.loc[[a for a, _ in pairs]].to_numpy(dtype=float)
-    second = matrix.loc[[b for _, b in pairs]].to_numpy(dtype=float)
-    diffs = first - second
-    n, mean, sd = diffs.shape[1], diffs.mean(axis=1), diffs.std(ddof=1, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        result = stats.ttest_rel(first, second, axis=1)
-        low, high = result.confidence_interval(CONFIDENCE)
-    found = {}
-    for i, pair in enumerate(pairs):
-        if sd[i] == 0:
-            found[pair] = _exact(float(mean[i]), "paired t", n)
-        else:
-            found[pair] = Comparison(float(mean[i]), max(float(low[i]), -1.0),
-                                     min(float(high[i]), 1.0), float(result.pvalue[i]),
-                                     "paired t", n, float(sd[i]))  # fmt: skip
-    return found
-
-
-def _comparison(diff: float, result, test: str, n: int, sd: float) -> Comparison:
-    low, high = result.confidence_interval(CONFIDENCE)
-    # A difference of two accuracies lies in [-1, 1]; t can reach past it with 2 seeds.
-    low, high = max(float(low), -1.0), min(float(high), 1.0)
-    return Comparison(diff, low, high, float(result.pvalue), test, n, sd)
-
-
-def _exact(diff: float, test: str, n: int) -> Comparison:
-    return Comparison(diff, diff, diff, 1.0 if diff == 0 else 0.0, test, n, 0.0)
-
-
-def holm(p_values: list[float]) -> list[float]:
-    """Holm-adjusted p-values (statsmodels), NaN left as NaN and out of the family."""
-    p = np.asarray(p_values, dtype=float)
-    adjusted = np.full_like(p, math.nan)
-    tested = ~np.isnan(p)
-    if tested.any():
-        # statsmodels' Holm ends with gc.collect(), a full collection that costs 0.3 s in a
-        # process holding MLflow; frozen objects are left out of it.
-        gc.freeze()
-        try:
-            adjusted[tested] = multipletests(p[tested], alpha=ALPHA, method="holm")[1]
-        finally:
-            gc.unfreeze()
-    return adjusted.tolist()
-
-
 def seeds_shared(done: pd.DataFrame, by: str = "group") -> tuple[bool, str]:
     """Whether the runs are paired by seed: every ``by`` ran the same seeds, each once, at
     least two. The seed fixes initialisation and batch order, so runs of one seed share
@@ -161,6 +59,14 @@ def seeds_shared(done: pd.DataFrame, by: str = "group") -> tuple[bool, str]:
     if len(common) < 2:
         return False, "fewer than two seeds"
     return True, f"every group ran seeds {', '.join(sorted(common, key=_seed_order))}"
+
+
+def seeds_recorded(done: pd.DataFrame) -> bool:
+    """Every run names its seed and no group ran one twice: two groups are then paired over
+    the seeds both ran (all of them, unless a race stopped one early or a job failed)."""
+    if "seed" not in done or done["seed"].isna().any():
+        return False
+    return not done.duplicated(["group", "seed"]).any()
 
 
 def _seed_order(seed: str) -> tuple[int, str]:
@@ -191,15 +97,18 @@ def group_table(jobs: pd.DataFrame, score: str, baseline: str | None = None) -> 
     table = table.reset_index(drop=True)
     reference = baseline if baseline is not None else table.loc[0, "group"]
     done = jobs[jobs["status"] == "FINISHED"]
-    paired, _ = seeds_shared(done)
-    scores = {group: _by_seed(runs, score, paired) for group, runs in done.groupby("group")}
     groups = list(table["group"])
     pairs = (
         list(itertools.combinations(groups, 2))
         if baseline is None
         else [(g, reference) for g in groups if g != reference]
     )
-    tested = compare_all(scores, pairs, paired)
+    if seeds_recorded(done):
+        tested = blocked(done, score, pairs)
+    else:
+        runs = {group: values[score] for group, values in done.groupby("group")}
+        empty = pd.Series(dtype=float)
+        tested = {(a, b): welch(runs.get(a, empty), runs.get(b, empty)) for a, b in pairs}
     adjusted = dict(zip(tested, holm([c.p for c in tested.values()]), strict=True))
     rows = [_against(group, reference, tested, adjusted, len(tested)) for group in groups]
     return pd.concat([table, pd.DataFrame(rows)], axis=1)
@@ -229,10 +138,6 @@ def _summaries(jobs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _by_seed(runs: pd.DataFrame, score: str, paired: bool) -> pd.Series:
-    return runs.set_index("seed")[score] if paired else runs[score].reset_index(drop=True)
-
-
 def _against(group, reference, tested, adjusted, family: int) -> dict:
     """The row of ``group``'s comparison with the reference: group minus reference."""
     row = {"vs": reference, "family": family}
@@ -255,7 +160,7 @@ def _against(group, reference, tested, adjusted, family: int) -> dict:
         return row | {"differs": "yes"}
     # The design's own yardstick: what it would have found with 80% power, at the
     # strictest level Holm applies in this family (Bonferroni's).
-    detectable = power.detectable_t(found.sd, found.n, ALPHA / family, found.test == "paired t")
+    detectable = power.detectable(found.se, found.df, ALPHA / family)
     return row | {"differs": "no", "detectable": detectable}
 
 

@@ -38,6 +38,7 @@ from cnnlab.config import REPO_ROOT, to_settings
 from cnnlab.tracking import identity, retry
 from cnnlab.tracking.continuation import SUPERSEDED_TAG, Action, Continuation, Decision, decide
 from cnnlab.tracking.runs import (
+    MAX_TAG_CHARS,
     TrackedRun,
     connect,
     end_dead_runs,
@@ -51,6 +52,7 @@ from cnnlab.tracking.runs import (
 
 SWEEP_FILE = "cnnlab_sweep.json"
 OUTCOME_FILE = "cnnlab_job.json"  # in each job's folder: what the job did (Action's value)
+RACING_FILE = "racing.json"  # hydra_plugins.cnnlab_racing writes it into the sweep folder
 NOT_A_FACTOR = {"seed"}  # repeats of one configuration, not a factor under study
 
 
@@ -411,6 +413,11 @@ class SweepCallback(Callback):
         optimized = self.sweep_dir / "optimization_results.yaml"
         if optimized.exists():
             client.log_artifact(parent, str(optimized))
+        raced = self.sweep_dir / RACING_FILE  # hydra/sweeper=racing: what the race did
+        if raced.exists():
+            for key, value in json.loads(raced.read_text()).items():
+                client.set_tag(parent, key, value[:MAX_TAG_CHARS])
+            client.log_artifact(parent, str(raced))
         return counts
 
     def _closing_lines(self, counts: JobCounts) -> str:

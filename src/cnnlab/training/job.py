@@ -110,7 +110,9 @@ def facts(job: Job, report: ModelReport) -> dict[str, str]:
 def split_sizes(datamodule: ImageDataModule) -> dict[str, str]:
     """How many images each split holds (the report's context header), once they are set up."""
     splits = {"train": datamodule.train_set, "val": datamodule.val_set, "test": datamodule.test_set}
-    return {f"data/{name}_images": str(len(data)) for name, data in splits.items() if data is not None}
+    return {
+        f"data/{name}_images": str(len(data)) for name, data in splits.items() if data is not None
+    }
 
 
 def processes_from(trainer: L.Trainer) -> str:
