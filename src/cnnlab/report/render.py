@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from cnnlab.report import stats
 from cnnlab.report.verdicts import short
@@ -67,35 +67,59 @@ def val_acc_per_epoch(curves: pd.DataFrame, order: list[str]) -> Figure:
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("validation accuracy (%)")
     axes.grid(alpha=0.3)
-    if order:
+    if axes.get_legend_handles_labels()[0]:  # runs that logged validation curves
         axes.legend(fontsize="small", loc="lower right")
     return figure
 
 
 def accuracy_vs_params(table: pd.DataFrame, score: str) -> Figure:
     """Each group a marker named in the legend (labels beside points overlapped where
-    parameter counts are alike, as in a pooling ablation); a log axis only where the counts
-    span a decade, plain counts otherwise (a log axis labelled its minor ticks on top of
-    each other)."""
+    parameter counts are alike, as in a pooling ablation); groups of alike counts spread a
+    little apart so that each is seen (its count is in the group table); a log axis only
+    where the counts span a decade, and plain counts as tick labels (a log axis labelled
+    its minor ticks on top of each other)."""
     figure = Figure(figsize=(9, 4.5), layout="constrained")
     axes = figure.subplots()
     shown = table[table["params"].notna() & table[f"{score}_mean"].notna()]
+    spread = _spread(shown["params"])
     for index, (_, line) in enumerate(shown.iterrows()):
         mean = line[f"{score}_mean"] * 100
-        axes.errorbar(line["params"], mean, yerr=_error(line, score, mean), capsize=4,
+        axes.errorbar(spread.iloc[index], mean, yerr=_error(line, score, mean), capsize=4,
                       fmt=MARKERS[index // 10 % len(MARKERS)], color=f"C{index % 10}",
                       label=short(line["group"]))  # fmt: skip
     if len(shown) and shown["params"].max() >= 10 * shown["params"].min():
         axes.set_xscale("log")
+        axes.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        axes.xaxis.set_minor_formatter(NullFormatter())
     else:
         axes.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
-        axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
-    axes.set_xlabel("parameters")
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    axes.set_xlabel("parameters (groups of alike counts drawn a little apart)")
     axes.set_ylabel(f"{score.replace('_', ' ')} (%)")
     axes.grid(alpha=0.3)
     if len(shown):
         axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     return figure
+
+
+def _spread(params: pd.Series, step: float = 0.02) -> pd.Series:
+    """Parameter counts within 5% of each other moved apart by ``step`` of their size."""
+    order = params.sort_values()
+    placed = params.astype(float).copy()
+    cluster: list = []
+    for index, value in order.items():
+        if cluster and value > 1.05 * order[cluster[0]]:
+            _place(placed, order, cluster, step)
+            cluster = []
+        cluster.append(index)
+    _place(placed, order, cluster, step)
+    return placed
+
+
+def _place(placed: pd.Series, order: pd.Series, cluster: list, step: float) -> None:
+    middle = (len(cluster) - 1) / 2
+    for rank, index in enumerate(cluster):
+        placed[index] = order[index] * (1 + step * (rank - middle))
 
 
 MARKERS = ("o", "s", "^", "D", "v")
