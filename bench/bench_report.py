@@ -21,7 +21,7 @@ import numpy as np
 from mlflow import MlflowClient
 
 from bench.common import save
-from cnnlab.racing import RaceSettings
+from cnnlab.racing import RaceSettings, race_against_grid
 from cnnlab.report import build_report, power, simulate
 from cnnlab.report.pairs import ALPHA
 
@@ -97,7 +97,7 @@ def race_rows(sims: int) -> list[dict]:
     rows = []
     for name, effects in RACES.items():
         truth = simulate.Truth(POOLING, effects=effects)
-        rates = simulate.race_against_grid(truth, RaceSettings(n0=3, max_seeds=10), sims, seed=8)
+        rates = race_against_grid(truth, RaceSettings(n0=3, max_seeds=10), sims, seed=8)
         rows.append(row(f"race vs full grid (10 seeds), {name}: same winner",
                         rates.same_winner, ">= 0.95", 0.95, sims,
                         rates.same_winner >= 0.95))  # fmt: skip

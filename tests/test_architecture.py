@@ -38,6 +38,8 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
     "cnnlab.report.__main__": rule("checks config cli report tracking"),
     "cnnlab.report": rule("checks models data tracking", "lightning hydra"),
     "cnnlab.cli": rule("checks data tracking", "mlflow"),
+    # The race's turns: plain data and the report's tests; the Hydra sweeper drives it.
+    "cnnlab.racing": rule("checks report", "torch lightning hydra mlflow"),
     "cnnlab.summary": rule("checks cli compose config data models", "lightning mlflow"),
     # The job's plan: reads the store through tracking (MlflowClient appears as a type).
     "cnnlab.plan": rule("checks compose config launch.runtime tracking training.job", "torch"),

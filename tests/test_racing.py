@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import binomtest
 
 from cnnlab.checks import ConfigError
-from cnnlab.racing import Race, RaceSettings
+from cnnlab.racing import Race, RaceSettings, race_against_grid
 from cnnlab.report import build_report, simulate
 from tests.conftest import run_sweep
 
@@ -95,7 +95,7 @@ def test_the_race_picks_what_the_full_grid_picks_in_95_percent_for_fewer_jobs(st
     """Same decision: the race's leader is the full grid's best or tied with it (the group
     table's test at 10 seeds), on the same simulated scores."""
     truth = simulate.Truth({POOLING: LEVELS}, effects=STUDIES[study])
-    rates = simulate.race_against_grid(truth, RaceSettings(n0=3, max_seeds=10), 100, seed=8)
+    rates = race_against_grid(truth, RaceSettings(n0=3, max_seeds=10), 100, seed=8)
     agreed = round(rates.same_winner * rates.sims)
     assert binomtest(agreed, rates.sims, 0.95, alternative="less").pvalue > 0.01, rates
     assert rates.jobs < 0.8, rates

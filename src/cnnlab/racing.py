@@ -16,10 +16,13 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from cnnlab.checks import ConfigError
+from cnnlab.report import simulate
 from cnnlab.report.pairs import blocked, holm
+from cnnlab.report.stats import group_table
 
 
 @dataclass(frozen=True)
@@ -128,3 +131,37 @@ class Race:
 
 def _mean(scores: dict[int, float]) -> float:
     return sum(scores.values()) / len(scores) if scores else -math.inf
+
+
+@dataclass(frozen=True)
+class RaceRates:
+    """How a race compared with the full grid on the same simulated scores."""
+
+    sims: int
+    same_winner: float  # the race's leader is the full grid's best, or tied with it
+    dropped_a_best: float  # the race dropped a group the full grid calls tied for best
+    jobs: float  # the race's jobs as a share of the full grid's
+
+
+def race_against_grid(
+    truth: simulate.Truth, settings: RaceSettings, sims: int, seed: int = 0
+) -> RaceRates:
+    """Simulate the full grid at ``max_seeds`` seeds; the race asks for its jobs' scores
+    from it, so both decide on the same runs."""
+    rng = np.random.default_rng(seed)
+    full = simulate.Truth(**{**vars(truth), "seeds": settings.max_seeds})
+    same = dropped_best = 0
+    spent = 0.0
+    for _ in range(sims):
+        sweep = simulate.jobs(full, rng)
+        table = group_table(sweep, "val_acc")
+        tied = set(table.loc[table["differs"].isin(["reference", "no"]), "group"])
+        scores = sweep.set_index(["group", "seed"])["val_acc"]
+        race = Race(list(dict.fromkeys(sweep["group"])), settings)
+        while batch := race.next_round():
+            for group, job_seed in batch:
+                race.record(group, job_seed, scores[(group, str(job_seed))])
+        same += race.leader in tied
+        dropped_best += bool(tied & set(race.dropped))
+        spent += race.jobs / race.full_grid
+    return RaceRates(sims, same / sims, dropped_best / sims, spent / sims)

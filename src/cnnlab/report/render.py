@@ -51,25 +51,31 @@ def _error(line: pd.Series, score: str, mean: float) -> list[list[float]] | None
 
 
 def val_acc_per_epoch(curves: pd.DataFrame, order: list[str]) -> Figure:
-    figure = Figure(figsize=(8, 4.5), layout="tight")
+    """The legend beside the axes (inside, it hid the curves of a 12-group factorial), and a
+    line style per ten groups, so that no two groups share a colour and a style."""
+    figure = Figure(figsize=(9, 4.5), layout="constrained")
     axes = figure.subplots()
-    for color, group in enumerate(order):
+    for index, group in enumerate(order):
         runs = curves[curves["group"] == group]
         if runs.empty:
             continue
         per_epoch = runs.groupby("epoch")["val_acc"].agg(["mean", "std"]).fillna(0) * 100
-        axes.plot(per_epoch.index + 1, per_epoch["mean"], color=f"C{color % 10}", marker=".",
-                  label=short(group))  # fmt: skip
+        color, style = f"C{index % 10}", LINE_STYLES[index // 10 % len(LINE_STYLES)]
+        axes.plot(per_epoch.index + 1, per_epoch["mean"], color=color, linestyle=style,
+                  marker=".", label=short(group))  # fmt: skip
         axes.fill_between(per_epoch.index + 1, per_epoch["mean"] - per_epoch["std"],
-                          per_epoch["mean"] + per_epoch["std"], color=f"C{color % 10}",
-                          alpha=0.2)  # fmt: skip
+                          per_epoch["mean"] + per_epoch["std"], color=color,
+                          alpha=0.15)  # fmt: skip
     axes.set_xlabel("epoch")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("validation accuracy (%)")
     axes.grid(alpha=0.3)
     if axes.get_legend_handles_labels()[0]:  # runs that logged validation curves
-        axes.legend(fontsize="small", loc="lower right")
+        axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     return figure
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
 
 
 def accuracy_vs_params(table: pd.DataFrame, score: str) -> Figure:
@@ -251,7 +257,8 @@ PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; color: #222; }}
-table {{ border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }}
+table {{ border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; display: block;
+  overflow-x: auto; }}
 th, td {{ padding: 0.3rem 0.7rem; border-bottom: 1px solid #ddd; text-align: right; }}
 th:first-child, td:first-child {{ text-align: left; }}
 img {{ max-width: 100%; }}
