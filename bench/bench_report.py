@@ -30,23 +30,10 @@ FACTORIAL = {
     "model.head": ("fc", "gap"),
     "model.batchnorm": ("true", "false"),
 }
-P = "model.pooling"
-POOLING = {P: ("max", "avg", "lp", "gem", "mixed", "stride")}
+POOLING = {simulate.POOLING: simulate.POOLING_LEVELS}
 RACES = {
-    "clear winner": {
-        (P, "avg"): -0.004,
-        (P, "lp"): -0.006,
-        (P, "gem"): -0.008,
-        (P, "mixed"): -0.012,
-        (P, "stride"): -0.03,
-    },
-    "close calls": {
-        (P, "avg"): -0.002,
-        (P, "lp"): -0.004,
-        (P, "gem"): -0.006,
-        (P, "mixed"): -0.01,
-        (P, "stride"): -0.02,
-    },
+    "clear winner": simulate.pooling_gaps(0.004, 0.006, 0.008, 0.012, 0.03),
+    "close calls": simulate.pooling_gaps(0.002, 0.004, 0.006, 0.01, 0.02),
     "no difference": {},
 }
 

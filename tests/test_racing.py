@@ -14,8 +14,6 @@ from cnnlab.racing import Race, RaceSettings, race_against_grid
 from cnnlab.report import build_report, simulate
 from tests.conftest import run_sweep
 
-POOLING = "model.pooling"
-
 
 def run(race: Race, score) -> list[list[tuple[str, int]]]:
     """Drive ``race`` to its end with ``score(group, seed)``; the rounds it asked for."""
@@ -69,24 +67,9 @@ def test_bad_race_settings_name_the_value_and_the_valid_range(settings, message)
         RaceSettings(**settings)
 
 
-LEVELS = ("max", "avg", "lp", "gem", "mixed", "stride")
 STUDIES = {
-    # A clear winner, the rest graded below it.
-    "clear": {
-        (POOLING, "avg"): -0.004,
-        (POOLING, "lp"): -0.006,
-        (POOLING, "gem"): -0.008,
-        (POOLING, "mixed"): -0.012,
-        (POOLING, "stride"): -0.03,
-    },
-    # Close calls at the top.
-    "graded": {
-        (POOLING, "avg"): -0.002,
-        (POOLING, "lp"): -0.004,
-        (POOLING, "gem"): -0.006,
-        (POOLING, "mixed"): -0.01,
-        (POOLING, "stride"): -0.02,
-    },
+    "clear": simulate.pooling_gaps(0.004, 0.006, 0.008, 0.012, 0.03),  # a clear winner
+    "graded": simulate.pooling_gaps(0.002, 0.004, 0.006, 0.01, 0.02),  # close calls at the top
 }
 
 
@@ -94,7 +77,7 @@ STUDIES = {
 def test_the_race_picks_what_the_full_grid_picks_in_95_percent_for_fewer_jobs(study) -> None:
     """Same decision: the race's leader is the full grid's best or tied with it (the group
     table's test at 10 seeds), on the same simulated scores."""
-    truth = simulate.Truth({POOLING: LEVELS}, effects=STUDIES[study])
+    truth = simulate.Truth({simulate.POOLING: simulate.POOLING_LEVELS}, effects=STUDIES[study])
     rates = race_against_grid(truth, RaceSettings(n0=3, max_seeds=10), 100, seed=8)
     agreed = round(rates.same_winner * rates.sims)
     assert binomtest(agreed, rates.sims, 0.95, alternative="less").pvalue > 0.01, rates

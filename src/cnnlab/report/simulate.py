@@ -19,6 +19,14 @@ from mlflow import MlflowClient
 
 from cnnlab.report import anova, stats
 
+POOLING = "model.pooling"
+POOLING_LEVELS = ("max", "avg", "lp", "gem", "mixed", "stride")  # experiment=pooling_ablation
+
+
+def pooling_gaps(*gaps: float) -> dict[tuple[str, str], float]:
+    """True effects of a pooling study: each level after ``max``, ``gap`` below it."""
+    return {(POOLING, level): -gap for level, gap in zip(POOLING_LEVELS[1:], gaps, strict=True)}
+
 
 @dataclass(frozen=True)
 class Truth:
