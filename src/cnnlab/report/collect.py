@@ -17,7 +17,7 @@ from cnnlab.checks import ConfigError
 from cnnlab.tracking.continuation import REUSED_TAG
 from cnnlab.tracking.identity import CODE_TAG, GROUP_TAG, HASH_TAG
 from cnnlab.tracking.runs import end_dead_runs
-from cnnlab.tracking.sweep import NOT_A_FACTOR, PARENT_ROLE, children_frame
+from cnnlab.tracking.sweep import NOT_A_FACTOR, PARENT_ROLE, children_frame, is_sweep_parent
 
 # What a report compares per job, as MLflow columns -> short names.
 METRICS = {
@@ -69,7 +69,7 @@ def find_parent(client: MlflowClient, experiment: str | None, parent: str) -> tu
             run = client.get_run(parent)
         except mlflow.exceptions.MlflowException as error:
             raise ConfigError(f"--parent {parent}: no such run in the store") from error
-        if run.data.tags.get("cnnlab.role") != "sweep":
+        if not is_sweep_parent(run):
             raise ConfigError(
                 f"--parent {parent}: run {run.info.run_name!r} is not a sweep's parent run "
                 "(the MLflow UI shows a sweep's parent with its jobs nested under it)"
@@ -96,7 +96,7 @@ def load_sweep(client: MlflowClient, experiment: str | None, parent: str = "late
     """The sweep ``parent`` names (a run id or ``latest``), or the sweeps of a comma-separated
     list of ids pooled into one study (:func:`pooled`)."""
     found = [find_parent(client, experiment, which) for which in _named(parent)]
-    parents = [_ended_if_dead(client, run) for _, run in found]
+    parents = _ended_if_dead(client, [run for _, run in found])
     frames = [children_frame(client, p.info.experiment_id, p.info.run_id) for p in parents]
     factors = list(dict.fromkeys(factor for p in parents for factor in _factors_of(p)))
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
@@ -116,10 +116,17 @@ def _named(parent: str) -> list[str]:
     return named
 
 
-def _ended_if_dead(client: MlflowClient, parent: Run) -> Run:
-    if parent.info.status == "RUNNING" and end_dead_runs(client, parent.info.experiment_id):
-        return client.get_run(parent.info.run_id)  # its sweep, or some of its jobs, died here
-    return parent
+def _ended_if_dead(client: MlflowClient, parents: list[Run]) -> list[Run]:
+    """The parents as the store has them once the dead runs of their experiments are ended
+    (their sweep, or some of its jobs, died here): one search per experiment."""
+    running = {p.info.experiment_id for p in parents if p.info.status == "RUNNING"}
+    ended = {experiment for experiment in running if end_dead_runs(client, experiment)}
+    return [
+        client.get_run(p.info.run_id)
+        if p.info.status == "RUNNING" and p.info.experiment_id in ended
+        else p
+        for p in parents
+    ]
 
 
 def _factors_of(parent: Run) -> list[str]:
@@ -134,7 +141,7 @@ def pooled(frame: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
     (one ``cnnlab.config_hash``) counts once, as the run that trained it: a copy a sweep
     reused, or a repeat, is left out. Two groups with one name are refused: their runs differ
     in a setting that is not a factor, or in code."""
-    missing = frame[frame.get(f"tags.{GROUP_TAG}", pd.Series(index=frame.index)).isna()]
+    missing = frame[_column(frame, f"tags.{GROUP_TAG}").isna()]
     if not missing.empty:
         raise ConfigError(
             f"run {missing['run_id'].iloc[0]} has no {GROUP_TAG} tag (it predates run "
@@ -143,8 +150,8 @@ def pooled(frame: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
     frame = frame.copy()
     for factor in factors:
         column = f"tags.factor.{factor}"
-        setting = frame.get(f"params.{factor.replace('.', '/')}", pd.Series(index=frame.index))
-        frame[column] = frame.get(column, pd.Series(index=frame.index)).fillna(setting)
+        setting = _column(frame, f"params.{factor.replace('.', '/')}")
+        frame[column] = _column(frame, column).fillna(setting)
     values = frame[[f"tags.factor.{factor}" for factor in factors]].fillna(UNSWEPT).astype(str)
     rows = values.itertuples(index=False)
     named = [",".join(f"{f}={v}" for f, v in zip(factors, row, strict=True)) for row in rows]
@@ -152,6 +159,11 @@ def pooled(frame: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
     frame["tags.group"] = names.groupby(frame[f"tags.{GROUP_TAG}"]).transform("first")
     _refuse_mixed_groups(frame)
     return _trained_once(frame)
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """``frame[name]``, or an empty column where no run has that tag or param."""
+    return frame[name] if name in frame else pd.Series(index=frame.index, dtype=object)
 
 
 def _refuse_mixed_groups(frame: pd.DataFrame) -> None:
@@ -175,7 +187,7 @@ def _refuse_mixed_groups(frame: pd.DataFrame) -> None:
 
 def _trained_once(frame: pd.DataFrame) -> pd.DataFrame:
     done = frame["status"] == "FINISHED"
-    origin = frame.get(f"tags.{REUSED_TAG}", pd.Series(index=frame.index)).isna()
+    origin = _column(frame, f"tags.{REUSED_TAG}").isna()
     finished = frame[done].assign(_copy=~origin[done]).sort_values(["_copy", "start_time"])
     kept = finished.drop_duplicates(f"tags.{HASH_TAG}").drop(columns="_copy")
     return pd.concat([kept, frame[~done]]).sort_values("start_time").reset_index(drop=True)

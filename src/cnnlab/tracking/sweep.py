@@ -181,6 +181,11 @@ SAID = [action.value for action in Action]  # the closing line's counts, in this
 PARENT_ROLE = "tags.`cnnlab.role` = 'sweep'"
 
 
+def is_sweep_parent(run: Run) -> bool:
+    """The run is a sweep's parent (what PARENT_ROLE finds in a search)."""
+    return run.data.tags.get("cnnlab.role") == "sweep"
+
+
 def grid_of(config: DictConfig) -> tuple[dict[str, str], list[str]]:
     """The grid as it runs (:func:`effective_grid`) and its factors."""
     params = config.hydra.sweeper.get("params")
@@ -206,11 +211,7 @@ def find_parent(client: MlflowClient, experiment_id: str, which: str) -> Run:
         run = client.get_run(which)
     except MlflowException:
         run = None
-    if (
-        run is None
-        or run.data.tags.get("cnnlab.role") != "sweep"
-        or (run.info.experiment_id != experiment_id)
-    ):
+    if run is None or not is_sweep_parent(run) or (run.info.experiment_id != experiment_id):
         raise ConfigError(
             f"sweep.resume={which}: not the parent run of a sweep in experiment {experiment_id} "
             f"of {redact_uri(client.tracking_uri)}; valid: a sweep's parent run id, or latest"
