@@ -186,6 +186,7 @@ def test_two_equal_best_levels_are_reported_tied() -> None:
     other = {"max", "gem"} - {best}
     assert f"is tied for best with {other.pop()}" in text
     assert "points above lp" in text and "the factor matters" in text
+    assert text.endswith("points with 80% power.")  # how sensitive, also when it found one
 
 
 def test_a_big_gap_with_two_seeds_says_how_little_two_seeds_can_tell() -> None:

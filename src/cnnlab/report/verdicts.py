@@ -55,7 +55,8 @@ def factor_verdict(
         lead = (
             f"{best} ({means.loc[best, 'mean']:.2%}) is tied for best with {named}; {best} is {gap}"
         )
-    return f"{factor}: {lead}; the factor matters ({anova_text})."
+    detects = _power(model, len(means), comparison.diff, seeds_needed=False)
+    return f"{factor}: {lead}; the factor matters ({anova_text}). {detects}"
 
 
 def interaction_verdicts(done: pd.DataFrame, score: str, model: factorial.Anova | str) -> list[str]:
@@ -121,23 +122,28 @@ def short(group: str) -> str:
     return " ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in parts) or group
 
 
-def _power(model: factorial.Anova, levels: int, diff: float) -> str:
+def _power(model: factorial.Anova, levels: int, diff: float, seeds_needed: bool = True) -> str:
+    """What the design detects with 80% power; where nothing was shown (``seeds_needed``),
+    also the seeds per group that 1 point and the observed difference would take."""
     design = model.design_of(levels)
     alpha = ALPHA / model.family  # Holm's strictest step: what the first claim must pass
     detectable = design.detectable(model.seeds, alpha)
     if math.isnan(detectable):
         return "The runs agree exactly; there is no spread to judge power from."
-    one, observed = design.seeds_needed(ONE_POINT, alpha), design.seeds_needed(abs(diff), alpha)
     if detectable > 1:  # past any difference of two accuracies
         text = (
             f"With {model.seeds} seeds per group this design finds no possible difference "
-            f"(up to 100 points) with 80% power; 1 point would take {_seeds(one)}"
+            "(up to 100 points) with 80% power"
         )
     else:
         text = (
             f"With {model.seeds} seeds per group this design detects a difference of "
-            f"{_points(detectable)} points with 80% power; 1 point would take {_seeds(one)}"
+            f"{_points(detectable)} points with 80% power"
         )
+    if not seeds_needed:
+        return text + "."
+    one, observed = design.seeds_needed(ONE_POINT, alpha), design.seeds_needed(abs(diff), alpha)
+    text += f"; 1 point would take {_seeds(one)}"
     if abs(diff) >= 0.00005:
         text += f", the observed {_points(abs(diff))} points {_seeds(observed)}"
     return text + "."
