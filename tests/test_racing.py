@@ -12,7 +12,8 @@ from scipy.stats import binomtest
 from cnnlab.checks import ConfigError
 from cnnlab.racing import Race, RaceSettings, race_against_grid
 from cnnlab.report import build_report, simulate
-from tests.conftest import run_sweep
+from tests.conftest import cnnlab_train, run_sweep
+from tests.test_continue import _env, _kill_when, _runs, _sweep
 
 
 def run(race: Race, score) -> list[list[tuple[str, int]]]:
@@ -105,3 +106,47 @@ def test_a_raced_sweep_runs_records_reports_and_continues(tmp_path: Path) -> Non
     assert f"this start: 0 trained, {len(children)} kept" in again.stdout
     assert parent_again.data.tags["racing.jobs"] == tags["racing.jobs"]
     assert len(children_again) == len(children)
+
+
+def test_a_bad_race_setting_is_one_line_before_any_store_or_run(tmp_path: Path) -> None:
+    """Hydra makes the sweeper after the sweep's callback opened the store and its parent
+    run: the callback checks the race's settings first."""
+    result = cnnlab_train(
+        "-m", "experiment=head_ablation", "hydra/sweeper=racing", "hydra.sweeper.n0=1",
+        f"hydra.sweep.dir={tmp_path}/multirun", env=_env(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "cnnlab: error: racing: n0=1, max_seeds=10; valid: 2 <= n0 <= max_seeds (a paired "
+        "test needs two seeds)"
+    ]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def _race_runs(tmp_path: Path) -> list:
+    try:
+        return _runs(tmp_path)[2]
+    except Exception:  # the store or the experiment is still being made
+        return []
+
+
+@pytest.mark.slow
+def test_a_race_killed_mid_round_continues_to_the_same_kind_of_end(tmp_path: Path) -> None:
+    """SIGKILL while the first round's fourth job trains; sweep.resume=latest runs the race
+    again from its start: finished jobs are kept with their scores, the killed one goes on
+    from its checkpoint or trains again, and the race ends with one FINISHED parent, every
+    job once."""
+    race = ["experiment=head_ablation", "hydra/sweeper=racing", "hydra.sweeper.n0=2",
+            "hydra.sweeper.max_seeds=3", "trainer.max_epochs=4"]  # fmt: skip
+    _kill_when(tmp_path, race, lambda: len(_race_runs(tmp_path)) >= 4, "the fourth job")
+    continued = _sweep(tmp_path, *race, "sweep.resume=latest")
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert "this start: " in continued.stdout and " 3 kept" in continued.stdout
+    _, parents, children = _runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    live = [c for c in children if "cnnlab.superseded_by" not in c.data.tags]
+    assert {c.info.status for c in live} == {"FINISHED"}
+    jobs = [(c.data.tags["group"], c.data.tags["seed"]) for c in live]
+    assert len(jobs) == len(set(jobs)) == int(parents[0].data.tags["racing.jobs"])
+    for head in ("fc", "gap", "nin"):  # every group ran the first round
+        assert {("model.head=" + head, seed) for seed in ("0", "1")} <= set(jobs)

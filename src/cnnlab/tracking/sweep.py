@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import json
 import signal
 import socket
@@ -219,6 +220,23 @@ def find_parent(client: MlflowClient, experiment_id: str, which: str) -> Run:
     return run
 
 
+def check_sweeper(sweeper: DictConfig) -> None:
+    """A sweeper of cnnlab's own (``hydra_plugins.cnnlab_*``) checks its settings here, with
+    its ``check_settings``: Hydra makes the sweeper only after this callback has opened the
+    store and the parent run, so a bad setting found there would leave a KILLED parent.
+
+    Raises:
+        ConfigError: a setting out of range, naming the value and the valid ones.
+    """
+    target = str(sweeper.get("_target_", ""))
+    if not target.startswith("hydra_plugins.cnnlab_"):
+        return
+    module, _, name = target.rpartition(".")
+    check = getattr(getattr(importlib.import_module(module), name), "check_settings", None)
+    if check is not None:
+        check(sweeper)
+
+
 def grid_jobs(config: DictConfig) -> list[list[str]]:
     """Each job's overrides, as Hydra's basic sweeper makes them (the grid's product)."""
     target = str(config.hydra.sweeper.get("_target_", ""))
@@ -329,6 +347,7 @@ class SweepCallback(Callback):
             sys.exit(1)
 
     def _open(self, config: DictConfig) -> None:
+        check_sweeper(config.hydra.sweeper)
         logger = config.logger
         if config.sweep.resume:  # a sweep to continue is in a store that exists
             _store_to_continue(logger.tracking_uri, str(config.sweep.resume))

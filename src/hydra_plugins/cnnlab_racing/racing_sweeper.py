@@ -59,6 +59,15 @@ class RacingSweeper(Sweeper):
         self.hydra_context: HydraContext | None = None
         self.launcher = None
 
+    @staticmethod
+    def check_settings(config: DictConfig) -> None:
+        """The race's settings, checked by cnnlab's sweep callback before the store opens
+        (one line, exit 2; Hydra makes the sweeper only after the sweep's parent run)."""
+        from cnnlab.racing import RaceSettings
+
+        names = ("n0", "max_seeds", "max_jobs", "alpha", "first_seed")
+        RaceSettings(**{name: config[name] for name in names})
+
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
