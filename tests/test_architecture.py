@@ -44,9 +44,10 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
     # The job's plan: reads the store through tracking (MlflowClient appears as a type).
     "cnnlab.plan": rule("checks compose config launch.runtime tracking training.job", "torch"),
     "cnnlab.train": rule("*"),  # the entry point: anything
+    "cnnlab.eval": rule("*"),  # the entry point of an evaluation: anything
 }
 # Imported by no module of cnnlab (only by Hydra, the command line and the tests).
-ENTRY_POINTS = ("cnnlab.train", "cnnlab.summary", "cnnlab.report.__main__")
+ENTRY_POINTS = ("cnnlab.train", "cnnlab.eval", "cnnlab.summary", "cnnlab.report.__main__")
 # Private Lightning internals are reached only through the one door.
 COMPAT = "cnnlab.training.compat"
 

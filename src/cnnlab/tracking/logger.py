@@ -118,6 +118,12 @@ class BatchedMLFlowLogger(MLFlowLogger):
             file.flush()
         self._pending.clear()  # on disk now: never sent twice from here
 
+    def log_hyperparams(self, params: Any) -> None:
+        """Nothing: the run's params are its resolved config, which cnnlab records itself
+        (tracking.record.record_setup). The module's hyperparameters describe the same model
+        again (for ``load_from_checkpoint``), and a second spelling of one param would be
+        refused by MLflow, whose params cannot change."""
+
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         # Everything up to a checkpoint is in the store before training goes on: a run
         # killed outright (SIGKILL) and resumed from it misses no step.

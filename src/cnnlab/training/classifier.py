@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from cnnlab.models import InputSpec, ModelConfig, build_model
 from cnnlab.training import compat
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -27,18 +30,34 @@ class Classifier(L.LightningModule):
     ``optimizer`` and ``scheduler`` are partials (Hydra ``_partial_: true``) completed in
     :meth:`configure_optimizers`. A scheduler that takes ``total_steps`` (OneCycleLR) is given
     the run's length and stepped every batch; any other is stepped every epoch.
+
+    ``model`` and ``input_spec`` describe ``net`` as plain data (the knobs of
+    :class:`cnnlab.models.ModelConfig` and the :class:`cnnlab.models.InputSpec` it was built
+    for). They are saved in each checkpoint's hyperparameters, so that
+    ``Classifier.load_from_checkpoint(path)`` rebuilds the net alone (``net=None``), from a
+    file that ``torch.load(weights_only=True)`` reads.
     """
 
     def __init__(
         self,
-        net: nn.Module,
-        num_classes: int,
-        optimizer: OptimizerFactory,
+        net: nn.Module | None = None,
+        num_classes: int | None = None,
+        optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         label_smoothing: float = 0.0,
+        model: dict[str, Any] | None = None,
+        input_spec: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        if net is None:
+            if model is None or input_spec is None:
+                raise ValueError("Classifier needs a net, or its model and input_spec to build it")
+            net = build_model(ModelConfig(**model), InputSpec(**input_spec))
+        if num_classes is None:
+            if input_spec is None:
+                raise ValueError("Classifier needs num_classes, or the input_spec that has it")
+            num_classes = input_spec["classes"]
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -137,6 +156,8 @@ class Classifier(L.LightningModule):
         return scheduler
 
     def configure_optimizers(self):
+        if self.optimizer_factory is None:  # rebuilt from a checkpoint to evaluate, not train
+            raise ValueError("this Classifier was built without an optimizer; it cannot train")
         return self.optimization(int(self.trainer.estimated_stepping_batches))
 
     def optimization(self, total_steps: int) -> dict:
@@ -165,3 +186,9 @@ class Classifier(L.LightningModule):
         interval = "step" if wants_length else "epoch"
         schedule = {"scheduler": scheduler, "interval": interval, "monitor": "val/loss"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+def describing(knobs: ModelConfig, spec: InputSpec) -> dict[str, Any]:
+    """The Classifier arguments that describe a net built from ``knobs`` for ``spec``, as the
+    plain data a checkpoint keeps (see :class:`Classifier`)."""
+    return {"model": dataclasses.asdict(knobs), "input_spec": dataclasses.asdict(spec)}

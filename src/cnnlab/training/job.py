@@ -34,7 +34,7 @@ from cnnlab.models import InputSpec, Net, build_model
 from cnnlab.models.summary import ModelReport
 from cnnlab.training import compat
 from cnnlab.training.callbacks import EpochSpeed, InterruptCheckpoint, ResumeState
-from cnnlab.training.classifier import Classifier
+from cnnlab.training.classifier import Classifier, describing
 from cnnlab.training.perf import FastPath
 
 
@@ -173,7 +173,12 @@ def build_module(
     net = build_model(settings.model, spec)
     scheduler = instantiate(settings.scheduler) if settings.scheduler else None
     module = Classifier(
-        net, info.classes, instantiate(settings.optimizer), scheduler, settings.label_smoothing
+        net,
+        info.classes,
+        instantiate(settings.optimizer),
+        scheduler,
+        settings.label_smoothing,
+        **describing(settings.model, spec),
     )
     return spec, net, module
 

@@ -1,0 +1,376 @@
+"""Test a trained model again and record the result beside its training run:
+``python -m cnnlab.eval run=<run id> [ckpt=<file>] [data=... data.source=...] [trainer=...]``.
+
+The model is rebuilt from what training recorded: the run's resolved ``config.yaml`` and its
+best checkpoint (or ``ckpt=``), read with ``weights_only``. A checkpoint alone (``ckpt=``
+without ``run=``) carries its model's knobs in its hyperparameters
+(:class:`cnnlab.training.classifier.Classifier`), and the run that saved it is found by the
+checkpoint's folder. Only where and on what it is tested may change: ``data``, ``trainer``
+and ``perf``; the test runs on one device, so every image counts once.
+
+The result goes into a new run nested under the trained one (tag ``cnnlab.role=eval``,
+``eval.checkpoint``, ``eval.dataset``): the training run's metrics are never touched. As for
+training, every check passes before that run exists, and a user error is one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig, OmegaConf
+
+from cnnlab import compose, config, tracking
+from cnnlab.checks import ConfigError, fail
+from cnnlab.cli import USER_ERRORS
+from cnnlab.data import DATASETS, ImageDataModule, dataset_info
+from cnnlab.launch.runtime import Runtime
+from cnnlab.models import InputSpec
+from cnnlab.tracking import record
+from cnnlab.tracking.resume import CHECKPOINT_TAG
+from cnnlab.tracking.runs import run_link, sqlite_file
+from cnnlab.training.classifier import Classifier, describing
+from cnnlab.training.job import build_trainer, split_sizes
+
+log = logging.getLogger("cnnlab")
+
+# A progress bar per artifact download (the checkpoint, config.yaml) is noise here.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Only the weights are wanted from the checkpoint: the callbacks that saved it do not test.
+warnings.filterwarnings("ignore", ".*callbacks used to create the checkpoint need to be.*")
+
+EVAL_ROLE = "eval"
+# What an evaluation may change of the trained run's settings: what it is tested on and
+# where. logger and paths are this command's own (the store and folders of this machine).
+CHANGEABLE = ("data", "trainer", "perf")
+OWN = ("run", "ckpt", "logger", "paths", "hydra", "task_name")
+
+
+@dataclass
+class EvalConfig(config.TrainConfig):
+    """``conf/eval.yaml``: the training schema, plus what is evaluated."""
+
+    run: str | None = None  # the trained run's id
+    ckpt: str | None = None  # a checkpoint file; default: the run's best (tag checkpoint.best)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What is evaluated: its training run (None: a checkpoint of no run this store knows),
+    the checkpoint file, and how the result names it."""
+
+    run: Run | None
+    checkpoint: Path
+    name: str  # runs:/<id>/checkpoints/<file> for the run's own, else the file's path
+    state: dict[str, Any]  # the checkpoint, read with weights_only
+    config: DictConfig | None  # the run's resolved config.yaml; None without a run
+
+
+def register() -> None:
+    """conf/eval.yaml is conf/train.yaml plus ``run`` and ``ckpt``; train.yaml's schema
+    (``train_schema``) is this process's :class:`EvalConfig`, so the two keys are typed."""
+    compose.register_configs()
+    ConfigStore.instance().store(name="train_schema", node=EvalConfig)
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse an override of the trained model (``model.pooling=avg``): an evaluation
+    tests what was trained.
+
+    Raises:
+        ConfigError: naming the setting and what may be changed.
+    """
+    for override in OverridesParser.create().parse_overrides(overrides):
+        top = override.key_or_group.split(".")[0].split("@")[0]
+        if top not in CHANGEABLE + OWN:
+            raise ConfigError(
+                f"{override.input_line}: an evaluation tests the model as it was trained; "
+                f"valid: run, ckpt, and settings of {', '.join(CHANGEABLE)}, logger, paths"
+            )
+
+
+def connect(cfg: DictConfig) -> MlflowClient:
+    """The store, which must exist already when a run is named (nothing is created)."""
+    database = sqlite_file(cfg.logger.tracking_uri)
+    if cfg.run and database is not None and not database.exists():
+        raise ConfigError(
+            f"run={cfg.run}: there is no store at {database} (logger.tracking_uri or "
+            "MLFLOW_TRACKING_URI names the store the run was recorded in)"
+        )
+    return tracking.connect(cfg.logger.tracking_uri, cfg.logger.retry_s)
+
+
+def find_trained(client: MlflowClient, cfg: DictConfig, into: Path) -> Trained:
+    """The run and checkpoint ``run=`` and ``ckpt=`` name, the checkpoint read."""
+    if not cfg.run and not cfg.ckpt:
+        raise ConfigError("nothing to evaluate; valid: run=<run id>, ckpt=<checkpoint file>")
+    run = training_run(client, cfg.run) if cfg.run else None
+    if cfg.ckpt:
+        checkpoint = Path(cfg.ckpt).expanduser().resolve()
+        if not checkpoint.is_file():
+            raise ConfigError(f"ckpt={cfg.ckpt}: no such file")
+        run = run or run_of_checkpoint(client, checkpoint)
+        name = str(checkpoint)
+    else:
+        name = best_checkpoint_of(run)
+        checkpoint = Path(client.download_artifacts(run.info.run_id, name, str(into)))
+        name = f"runs:/{run.info.run_id}/{name}"
+    state = read_checkpoint(checkpoint)
+    recorded = recorded_config(client, run, into) if run is not None else None
+    return Trained(run, checkpoint, name, state, recorded)
+
+
+def training_run(client: MlflowClient, run_id: str) -> Run:
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as error:
+        raise ConfigError(f"run={run_id}: no such run in {client.tracking_uri}") from error
+    if run.data.tags.get("cnnlab.role") in ("sweep", EVAL_ROLE):
+        role = run.data.tags["cnnlab.role"]
+        raise ConfigError(f"run={run_id} is a {role} run; valid: the id of a training run")
+    return run
+
+
+def best_checkpoint_of(run: Run) -> str:
+    """The artifact path of ``run``'s best checkpoint, which training tags."""
+    path = run.data.tags.get(record.BEST_CHECKPOINT_TAG)
+    if not path:
+        raise ConfigError(
+            f"run={run.info.run_id} ({run.info.run_name}, {run.info.status}) has no checkpoint: "
+            "it saved none before it ended; valid: a run tagged checkpoint.best, or "
+            "ckpt=<checkpoint file>"
+        )
+    return path
+
+
+def run_of_checkpoint(client: MlflowClient, checkpoint: Path) -> Run | None:
+    """The run whose checkpoints are saved in ``checkpoint``'s folder (training tags where
+    its last one goes), or None."""
+    last = str(checkpoint.parent / "last.ckpt")
+    if "'" in last:  # MLflow's filter language has no escape for it
+        return None
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(experiments, f"tags.`{CHECKPOINT_TAG}` = '{last}'", max_results=2)
+    return found[0] if len(found) == 1 else None
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    try:  # tensors and plain data only: no code runs from the file
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds for a file that is no checkpoint
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"ckpt={path}: not a checkpoint torch can read ({first})") from error
+
+
+def recorded_config(client: MlflowClient, run: Run, into: Path) -> DictConfig:
+    """The resolved config training recorded (``config.yaml``)."""
+    try:
+        path = client.download_artifacts(run.info.run_id, "config.yaml", str(into))
+    except (MlflowException, OSError) as error:
+        raise ConfigError(
+            f"run={run.info.run_id} has no config.yaml artifact: it was not recorded by "
+            "cnnlab.train; valid: the id of a training run"
+        ) from error
+    return OmegaConf.load(path)
+
+
+def settings_to_test(cfg: DictConfig, overrides: list[str], trained: Trained) -> DictConfig:
+    """The trained run's config (for a checkpoint alone, this command's, with the
+    checkpoint's model), with this command's changes to ``data``, ``trainer`` and ``perf``,
+    its own logger and paths, on one device."""
+    fields = [field.name for field in dataclasses.fields(config.TrainConfig)]
+    own = OmegaConf.masked_copy(cfg, fields)
+    tested = OmegaConf.merge(OmegaConf.structured(config.TrainConfig), own)
+    if trained.config is not None:
+        tested = OmegaConf.merge(OmegaConf.structured(config.TrainConfig), trained.config)
+        apply_changes(tested, cfg, overrides)
+    else:
+        described = trained.state.get("hyper_parameters", {}).get("model")
+        if described is None:
+            raise ConfigError(
+                f"ckpt={trained.checkpoint} does not hold its model's settings (saved by an "
+                "older cnnlab) and no run of this store saved it; valid: run=<the run's id>"
+            )
+        tested.model = described
+    tested.logger, tested.paths = cfg.logger, cfg.paths
+    # One device: a DistributedSampler would pad the test set, counting images twice.
+    tested.trainer.update(devices=1, num_nodes=1, strategy="auto")
+    tested.test, tested.resume, tested.callbacks = True, None, {}
+    return tested
+
+
+def apply_changes(tested: DictConfig, cfg: DictConfig, overrides: list[str]) -> None:
+    """This command's overrides of ``data``, ``trainer`` and ``perf``, onto the trained
+    run's config: a group chosen (``data=fashion_mnist``) replaces the node, a setting
+    (``data.source=bundled``) changes that setting."""
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key.split(".")[0] in CHANGEABLE:
+            OmegaConf.update(tested, key, OmegaConf.select(cfg, key), merge=False)
+
+
+def check_shape(wanted: InputSpec, data_name: str) -> None:
+    """The dataset must give the images and classes the model was built for.
+
+    Raises:
+        ConfigError: naming both shapes and the datasets that fit.
+    """
+    info = dataset_info(data_name)
+    given = InputSpec(info.channels, info.size, info.classes)
+    if given != wanted:
+        fitting = [name for name in DATASETS if spec_of(name) == wanted]
+        raise ConfigError(
+            f"data={data_name} gives {shape(given)}; the model takes {shape(wanted)}; "
+            f"valid: {', '.join(fitting) or 'a dataset of that shape'}"
+        )
+
+
+def spec_of(data_name: str) -> InputSpec:
+    info = dataset_info(data_name)
+    return InputSpec(info.channels, info.size, info.classes)
+
+
+def shape(spec: InputSpec) -> str:
+    return f"{spec.channels}x{spec.size}x{spec.size} images of {spec.classes} classes"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything built and checked: nothing is recorded yet."""
+
+    trained: Trained
+    settings: config.TrainConfig
+    datamodule: ImageDataModule
+    module: Classifier
+    trainer: Any  # lightning.Trainer
+
+
+def plan(cfg: DictConfig, runtime: Runtime, client: MlflowClient, into: Path) -> Evaluation:
+    """Find, read and check what ``cfg`` names, and build what tests it.
+
+    Raises:
+        ConfigError, DataError: one line for the user, before any run exists.
+    """
+    check_overrides(runtime.overrides)
+    trained = find_trained(client, cfg, into)
+    tested = settings_to_test(cfg, runtime.overrides, trained)
+    tested.paths.output_dir = runtime.output_dir
+    settings = config.to_settings(tested)
+    spec = model_input(trained, settings)
+    check_shape(spec, settings.data.name)
+    datamodule = ImageDataModule(settings.data, shuffle_seed=settings.seed)
+    datamodule.setup("test")
+    module = Classifier(None, spec.classes, **describing(settings.model, spec))
+    trainer = build_trainer(settings, [], devices=None, logger=None)
+    return Evaluation(trained, settings, datamodule, module, trainer)
+
+
+def model_input(trained: Trained, settings: config.TrainConfig) -> InputSpec:
+    """The input the model was built for: as its checkpoint says, or (an older checkpoint)
+    as the trained run's dataset gives it."""
+    described = trained.state.get("hyper_parameters", {}).get("input_spec")
+    if described is not None:
+        return InputSpec(**described)
+    return spec_of(str(trained.config.data.name))
+
+
+def experiment_of(client: MlflowClient, evaluation: Evaluation) -> str:
+    run = evaluation.trained.run
+    if run is not None:
+        return run.info.experiment_id
+    logger = evaluation.settings.logger
+    return tracking.open_experiment(client, logger.experiment_name, logger.artifact_location)
+
+
+def eval_tags(evaluation: Evaluation, overrides: list[str]) -> dict[str, str]:
+    trained, datamodule = evaluation.trained, evaluation.datamodule
+    tags = {
+        "cnnlab.role": EVAL_ROLE,
+        "eval.checkpoint": trained.name,
+        "eval.dataset": f"{datamodule.name} ({datamodule.source_used})",
+        "overrides": tracking.redact_uri(" ".join(overrides)),
+        "mlflow.source.name": "cnnlab.eval",
+        **tracking.process_tags(),
+        **tracking.git_state(config.REPO_ROOT),
+    }
+    if trained.run is not None:
+        tags["mlflow.parentRunId"] = trained.run.info.run_id
+    return tags
+
+
+def record_evaluation(
+    client: MlflowClient, evaluation: Evaluation, runtime: Runtime
+) -> tuple[tracking.TrackedRun, dict[str, float]]:
+    """Test in a new run (nested under the trained one): its data's settings as params,
+    the config it tested, the test metrics."""
+    trained, datamodule = evaluation.trained, evaluation.datamodule
+    base = f"eval-{trained.run.info.run_name if trained.run else trained.checkpoint.stem}"
+    experiment_id = experiment_of(client, evaluation)
+    name = tracking.unique_run_name(client, experiment_id, base)
+    tracked = tracking.TrackedRun(
+        client, experiment_id, name, eval_tags(evaluation, runtime.overrides)
+    )
+    with tracked as run:
+        data = OmegaConf.to_container(
+            OmegaConf.structured(evaluation.settings.data), enum_to_str=True
+        )
+        params = tracking.flatten_params({"data": data}) | split_sizes(datamodule)
+        run.log_params(params | {"data/source_resolved": str(datamodule.source_used)})
+        resolved = OmegaConf.to_yaml(OmegaConf.structured(evaluation.settings))
+        run.log_text(tracking.redact_uri(resolved), "config.yaml")
+        results = evaluation.trainer.test(
+            evaluation.module, datamodule=datamodule, ckpt_path=str(trained.checkpoint),
+            weights_only=True,
+        )  # fmt: skip
+        metrics = {key: float(value) for key, value in results[0].items()}
+        for key, value in metrics.items():
+            run.log_metric(key, value)
+    return tracked, metrics
+
+
+def run(cfg: DictConfig) -> float:
+    """Evaluate what ``cfg`` names and record it; returns the test accuracy."""
+    runtime = Runtime.from_hydra()
+    with tempfile.TemporaryDirectory(prefix="cnnlab-eval-") as into:
+        try:
+            client = connect(cfg)
+            evaluation = plan(cfg, runtime, client, Path(into))
+        except USER_ERRORS as error:
+            fail(error)
+        tracked, metrics = record_evaluation(client, evaluation, runtime)
+    accuracy = metrics.get("test/acc", float("nan"))
+    tags = tracked.run.data.tags
+    link = run_link(client.tracking_uri, tracked.run.info.experiment_id, tracked.run_id)
+    print(
+        f"test accuracy: {accuracy:.2%} ({tags['eval.checkpoint']} on {tags['eval.dataset']})",
+        f"MLflow run: {tracked.run_id} ({tracked.run.info.run_name})",
+        f"open it: {link}",
+        sep="\n",
+        flush=True,
+    )
+    return accuracy
+
+
+register()
+
+
+@hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="eval")
+def main(cfg: DictConfig) -> float:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""``python -m cnnlab.eval``: a trained run's checkpoint tested again, as a user runs it, into
+a real sqlite store; the result is a new run nested under the trained one."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from cnnlab.training.classifier import Classifier
+from tests.conftest import SMALL, cnnlab_train, run_cli, write_mnist
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """One tiny LeNet-5 run on MNIST files in torchvision's format, and a FAILED one that
+    saved no checkpoint (its loss went non-finite at once): the store, its client, both runs."""
+    folder = tmp_path_factory.mktemp("eval")
+    root = write_mnist(folder / "mnist")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "t"}
+    common = [*SMALL, f"data.root={root}", "data.source=torchvision", f"paths.log_dir={folder}"]
+    assert cnnlab_train(*common, env=env).returncode == 0
+    failed = cnnlab_train(*common, "optimizer.lr=1e12", "scheduler=null", env=env)
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    finished = next(r for r in runs if r.info.status == "FINISHED")
+    no_checkpoint = next(r for r in runs if r.info.status == "FAILED")
+    return folder, env, client, finished, no_checkpoint
+
+
+def cnnlab_eval(folder: Path, env: dict[str, str], *args: str):
+    return run_cli(sys.executable, "-m", "cnnlab.eval", *args, f"paths.log_dir={folder}", env=env)
+
+
+def evaluations(client: MlflowClient, run_id: str):
+    return client.search_runs(
+        [client.get_run(run_id).info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'"
+    )
+
+
+def test_eval_tests_the_best_checkpoint_again_in_a_run_nested_under_the_trained_one(trained):
+    folder, env, client, run, _ = trained
+    before = client.get_run(run.info.run_id).data
+    result = cnnlab_eval(folder, env, f"run={run.info.run_id}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [evaluation] = evaluations(client, run.info.run_id)
+    tags = evaluation.data.tags
+    assert evaluation.info.status == "FINISHED"
+    assert tags["cnnlab.role"] == "eval"
+    assert tags["eval.checkpoint"] == f"runs:/{run.info.run_id}/{before.tags['checkpoint.best']}"
+    assert tags["eval.dataset"] == "mnist (torchvision)"
+    # The same checkpoint on the same test batches: the same accuracy as training's test.
+    assert evaluation.data.metrics["test/acc"] == pytest.approx(before.metrics["test/acc"])
+    assert evaluation.data.params["data/test_images"] == before.params["data/test_images"]
+    after = client.get_run(run.info.run_id).data
+    assert (after.metrics, after.params, after.tags) == (before.metrics, before.params, before.tags)
+    assert f"MLflow run: {evaluation.info.run_id}" in result.stdout
+
+
+def test_eval_on_another_source_names_the_data_it_tested(trained):
+    folder, env, client, run, _ = trained
+    result = cnnlab_eval(folder, env, f"run={run.info.run_id}", "data.source=bundled")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluation = max(evaluations(client, run.info.run_id), key=lambda r: r.info.start_time)
+    assert evaluation.data.tags["eval.dataset"] == "mnist (bundled)"
+    assert evaluation.data.params["data/source_resolved"] == "bundled"
+    assert 0 <= evaluation.data.metrics["test/acc"] <= 1
+
+
+@pytest.mark.slow
+def test_eval_of_a_checkpoint_file_finds_the_run_that_saved_it(trained):
+    folder, env, client, run, _ = trained
+    last = run.data.tags["checkpoint.last"]
+    result = cnnlab_eval(folder, env, f"ckpt={last}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluation = max(evaluations(client, run.info.run_id), key=lambda r: r.info.start_time)
+    assert evaluation.data.tags["eval.checkpoint"] == last
+
+
+def test_a_checkpoint_rebuilds_its_model_alone(trained):
+    """Lightning's own loader, from the file alone: the model's knobs are plain data in the
+    checkpoint's hyperparameters, and it loads with weights_only."""
+    run = trained[3]
+    path = run.data.tags["checkpoint.last"]
+    module = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    for key, tensor in module.state_dict().items():
+        assert torch.equal(tensor, saved["state_dict"][key]), key
+    assert module.hparams.model["pooling"] == run.data.params["model/pooling"]
+    assert module.hparams.model["name"] == run.data.params["model/name"]
+    logits = module.eval()(torch.zeros(2, 1, 28, 28))
+    assert logits.shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "nothing to evaluate; valid: run=<run id>, ckpt=<checkpoint file>"),
+        (("run=0123abc",), "run=0123abc: no such run in sqlite:///"),
+        (("run={run}", "model.pooling=avg"), "model.pooling=avg: an evaluation tests the model"),
+        (("run={run}", "data=cifar10"), "data=cifar10 gives 3x32x32 images of 10 classes"),
+        (("run={failed}",), "has no checkpoint: it saved none before it ended"),
+        (("ckpt={folder}/mlflow.db",), "mlflow.db: not a checkpoint torch can read"),
+        (("ckpt={folder}/nothing.ckpt",), "nothing.ckpt: no such file"),
+    ],
+)
+def test_bad_eval_input_is_one_line_exit_2_and_records_nothing(trained, args, message):
+    folder, env, client, run, failed = trained
+    names = {"run": run.info.run_id, "failed": failed.info.run_id, "folder": folder}
+    experiment = run.info.experiment_id
+    runs_before = len(client.search_runs([experiment]))
+    result = cnnlab_eval(folder, env, *(arg.format(**names) for arg in args))
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("cnnlab: error: ") and message in last, last
+    assert "Traceback" not in result.stderr
+    assert len(client.search_runs([experiment])) == runs_before
+
+
+def test_eval_against_a_store_that_does_not_exist_creates_none(tmp_path: Path) -> None:
+    missing = tmp_path / "gone" / "mlflow.db"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{missing}"}
+    result = cnnlab_eval(tmp_path, env, "run=0123abc")
+    assert result.returncode == 2
+    assert f"there is no store at {missing}" in result.stderr.strip().splitlines()[-1]
+    assert not missing.parent.exists()
