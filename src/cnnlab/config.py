@@ -42,6 +42,8 @@ class LoggerConfig:
     # fails; what was not sent stays in the run's folder for resume= (cnnlab.tracking.retry).
     retry_s: float = 180.0
     pictures: bool = True  # per-run pictures (cnnlab.pictures) as artifacts: ~2 s a run
+    # The tested model as MLflow's pytorch flavor (runs:/<id>/model, torch.export): ~0.5-2.5 s
+    log_model: bool = False
 
     def __post_init__(self) -> None:
         check_range("logger.flush_every_s", self.flush_every_s, low=0)

@@ -41,6 +41,7 @@ from cnnlab.plan import Plan, plan_job, store
 from cnnlab.tracking import record
 from cnnlab.tracking.continuation import Action
 from cnnlab.training.classifier import NonFiniteLossError
+from cnnlab.training.export import servable
 from cnnlab.training.job import FitResult, Job, facts, fit_and_test, prepare
 
 log = logging.getLogger("cnnlab")
@@ -299,8 +300,18 @@ def record_result(job: Job, run: tracking.TrackedRun, plan: Plan, result: FitRes
     record.record_result(
         run, final, result.step, plan.logged, result.best_checkpoint, result.best_val
     )
+    if job.settings.logger.log_model:
+        log_model(job, run, result)
     if job.settings.logger.pictures:
         log_pictures(job, run)
+
+
+def log_model(job: Job, run: tracking.TrackedRun, result: FitResult) -> None:
+    """The best checkpoint's model as MLflow's pytorch flavor (``runs:/<id>/model``)."""
+    if not job.settings.test and result.best_checkpoint:  # untested: the last epoch's weights
+        state = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
+        job.module.load_state_dict(state["state_dict"])
+    tracking.log_model(run, *servable(job.net, job.datamodule))
 
 
 def log_pictures(job: Job, run: tracking.TrackedRun) -> None:

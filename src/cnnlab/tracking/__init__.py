@@ -6,6 +6,7 @@ from mlflow.exceptions import MlflowException
 
 from cnnlab.checks import redact_uri
 from cnnlab.tracking.logger import UNSENT_FILE, BatchedMLFlowLogger, send_unsent, unsent_steps
+from cnnlab.tracking.models import log_model, register_best
 from cnnlab.tracking.retry import StoreUnavailable
 from cnnlab.tracking.runs import (
     TrackedRun,
@@ -46,12 +47,14 @@ __all__ = [
     "flatten_params",
     "git_state",
     "job_context",
+    "log_model",
     "logged_steps",
     "open_experiment",
     "package_versions",
     "process_alive",
     "process_tags",
     "redact_uri",
+    "register_best",
     "send_unsent",
     "slurm_restarted",
     "unique_run_name",
