@@ -3,6 +3,7 @@ a real sqlite store; the result is a new run nested under the trained one."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -79,6 +80,16 @@ def test_eval_of_a_checkpoint_file_finds_the_run_that_saved_it(trained):
     assert result.returncode == 0, result.stderr[-3000:]
     evaluation = max(evaluations(client, run.info.run_id), key=lambda r: r.info.start_time)
     assert evaluation.data.tags["eval.checkpoint"] == last
+    # Moved away from its run's folder: the model comes from the file alone, and the result
+    # is a run of its own in the configured experiment.
+    moved = folder / "elsewhere" / "model.ckpt"
+    moved.parent.mkdir()
+    shutil.copy(last, moved)
+    result = cnnlab_eval(folder, env, f"ckpt={moved}", "data.source=bundled")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [alone] = client.search_runs([run.info.experiment_id], f"tags.`eval.checkpoint` = '{moved}'")
+    assert "mlflow.parentRunId" not in alone.data.tags
+    assert alone.info.run_name == "eval-model" and alone.info.status == "FINISHED"
 
 
 def test_a_checkpoint_rebuilds_its_model_alone(trained):

@@ -204,7 +204,7 @@ def settings_to_test(cfg: DictConfig, overrides: list[str], trained: Trained) ->
                 f"ckpt={trained.checkpoint} does not hold its model's settings (saved by an "
                 "older cnnlab) and no run of this store saved it; valid: run=<the run's id>"
             )
-        tested.model = described
+        tested = OmegaConf.merge(tested, {"model": described})
     tested.logger, tested.paths = cfg.logger, cfg.paths
     # One device: a DistributedSampler would pad the test set, counting images twice.
     tested.trainer.update(devices=1, num_nodes=1, strategy="auto")
