@@ -15,13 +15,17 @@ UI_PORT ?= 5000
 SERVER_STORE ?= sqlite:///$(MLFLOW_DB)
 SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5001
+NOTEBOOK_PORT ?= 8888
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep report summary test test-all lint format ui server bench bench-data bench-train bench-report clean
+.PHONY: help install train sweep eval report summary notebook test test-all lint format ui server bench bench-data bench-train bench-report clean
 
+# Target names in colour on a terminal only: piped or logged, the help is plain text.
 help: ## Show this help
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
-		awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+	@if [ -t 1 ] && [ -z "$$NO_COLOR" ]; then on='\033[36m' off='\033[0m'; else on= off=; fi; \
+	grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk -v on="$$on" -v off="$$off" 'BEGIN {FS = ":.*## "}; \
+			{printf "  %s%-12s%s %s\n", on, $$1, off, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,11 +42,19 @@ train: install ## Train the default CNN on MNIST (ARGS="model.dropout=0.3 ...")
 sweep: install ## Run an ablation grid as a Hydra multirun (EXP=pooling_ablation ARGS="seed=0,1")
 	$(PY) -m cnnlab.train -m experiment=$(EXP) $(ARGS)
 
+eval: install ## Test a trained run's best checkpoint again, on any dataset (ARGS="run=<run id>")
+	$(PY) -m cnnlab.eval $(ARGS)
+
 report: install ## Ablation report of the newest sweep: HTML, Markdown, plots (ARGS="--parent ID")
 	$(PY) -m cnnlab.report $(ARGS)
 
 summary: install ## Print the model's layer table, sizes, parameters, FLOPs (ARGS="model=cnn")
 	$(PY) -m cnnlab.summary $(ARGS)
+
+# As root (a container), Jupyter wants --allow-root; it is still bound to 127.0.0.1 with a token.
+notebook: install ## JupyterLab on notebooks/ at 127.0.0.1:8888 (NOTEBOOK_PORT=8889)
+	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --port $(NOTEBOOK_PORT) --no-browser \
+		--notebook-dir notebooks --ServerApp.port_retries=0 $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 test: install ## Run the fast test suite
 	$(PY) -m pytest -m "not slow" $(ARGS)

@@ -104,6 +104,9 @@ class MakeServer:
         """``port``: a given one (a server started again where its clients look for it)."""
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
+        # Its output goes to a file: a pipe nobody reads fills up, and the server then hangs
+        # on its next log line (a long test's requests are many lines).
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (open as long as the server)
         self.process = subprocess.Popen(
             [
                 "make",
@@ -115,16 +118,15 @@ class MakeServer:
             ],
             cwd=REPO,
             start_new_session=True,
-            stdout=subprocess.PIPE,
+            stdout=self.log,
             stderr=subprocess.STDOUT,
-            text=True,
         )
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"make server exited: {self.process.stdout.read()[-3000:]}")
+                raise AssertionError(f"make server exited: {self.output()[-3000:]}")
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
                     if response.status == 200:
@@ -142,13 +144,17 @@ class MakeServer:
         with urllib.request.urlopen(request, timeout=5) as response:
             return json.load(response).get("experiments", [])
 
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
     def stop(self) -> str:
         """Stop the server; returns what it printed."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            output, _ = self.process.communicate(timeout=30)
+            self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
-            output, _ = self.process.communicate()
-        return output or ""
+            self.process.wait()
+        return self.output()

@@ -19,6 +19,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
+from cnnlab.tracking.runs import experiment_link
 from tests.browser import Unavailable, chromium, runs_table
 from tests.conftest import REPO, run_sweep
 from tests.servers import assert_loopback_only, free_port
@@ -104,9 +105,10 @@ def test_the_ui_shows_the_sweep_its_nested_children_and_the_factor_column(
     browser: WebDriver, sweep: Sweep, ui: str
 ) -> None:
     wait = WebDriverWait(browser, WAIT_S)
-    # MLflow 3 opens an experiment on its GenAI overview; the sidebar's "Model training" toggle
-    # leads to the runs table through this very URL (clicking it means getting past a popover).
-    browser.get(f"{ui}/#/experiments/{sweep.experiment_id}?workflowType=machine_learning")
+    # MLflow 3.17 opens an experiment on its GenAI overview (#/experiments/<id>/overview/...)
+    # unless the link asks for the machine-learning view, as every link cnnlab prints does
+    # (the experiment's mlflow.experimentKind tag is not read for it): the runs table.
+    browser.get(experiment_link(ui, sweep.experiment_id))
     try:
         # The table has loaded all five runs, yet shows one row: the children are nested under
         # the collapsed parent. Runs that were not its children would show as rows of their own.
@@ -115,6 +117,7 @@ def test_the_ui_shows_the_sweep_its_nested_children_and_the_factor_column(
             ec.visibility_of_element_located((By.XPATH, f"//*[normalize-space()='{total}']")),
             f"the runs table never said '{total}'",
         )
+        assert f"/experiments/{sweep.experiment_id}/runs?" in browser.current_url  # not overview
         assert sweep.parent.startswith("sweep-")
         shown = wait.until(lambda d: runs_table(d, "Run Name"), "the runs table shows no rows")
         assert shown == [(sweep.parent,)]

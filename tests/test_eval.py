@@ -57,6 +57,13 @@ def test_eval_tests_the_best_checkpoint_again_in_a_run_nested_under_the_trained_
     # The same checkpoint on the same test batches: the same accuracy as training's test.
     assert evaluation.data.metrics["test/acc"] == pytest.approx(before.metrics["test/acc"])
     assert evaluation.data.params["data/test_images"] == before.params["data/test_images"]
+    [tested] = evaluation.inputs.dataset_inputs  # the trained run's own test set
+    [trained_test] = [
+        i for i in client.get_run(run.info.run_id).inputs.dataset_inputs
+        if {t.value for t in i.tags} == {"test"}
+    ]  # fmt: skip
+    assert [t.value for t in tested.tags] == ["test"]
+    assert tested.dataset.digest == trained_test.dataset.digest
     after = client.get_run(run.info.run_id).data
     assert (after.metrics, after.params, after.tags) == (before.metrics, before.params, before.tags)
     assert f"MLflow run: {evaluation.info.run_id}" in result.stdout

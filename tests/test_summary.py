@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cnnlab.models.summary import in_words
 from cnnlab.summary import summarize
 from tests.conftest import compose_train, run_cli
 
@@ -16,7 +17,16 @@ def test_summary_of_the_default_model(tmp_path: Path) -> None:
     assert text.startswith("lenet5 on mnist (1x28x28, 10 classes)")
     assert "output sizes: stage1.conv1 24px  stage1.pool 12px  stage2.conv1 8px" in text
     assert "parameters: 44,470 total, 44,470 trainable" in text
-    assert "FLOPs per image: 563,280" in text
+    # 281,640 mult-adds of convolutions and matrix products: 2 FLOPs each (test_models.py).
+    assert "Mult-adds per image: 281.6 K (convolutions and matrix products)" in text
+    assert "FLOPs per image: 563.3 K (2 per mult-add)" in text
+    assert "Units." not in text and "Total mult-adds" not in text
+
+
+def test_counts_in_words() -> None:
+    assert [in_words(n) for n in (0, 999, 1_000, 24_580_000, 49_160_000, 1.5e9, 2e12)] == [
+        "0", "999", "1.0 K", "24.6 M", "49.2 M", "1.5 G", "2.0 T"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -35,7 +45,10 @@ def test_summary_command_needs_no_data_and_reports_bad_shapes_in_one_line(tmp_pa
     args = (sys.executable, "-m", "cnnlab.summary", "data.root=/nonexistent")
     good = run_cli(*args, "model=cnn", env=env)
     assert good.returncode == 0, good.stderr
-    assert "cnn on mnist" in good.stdout and "FLOPs per image" in good.stdout
+    assert "cnn on mnist" in good.stdout
+    assert "Mult-adds per image: 18.3 M" in good.stdout
+    assert "FLOPs per image: 36.6 M (2 per mult-add)" in good.stdout
+    assert "Units." not in good.stdout
     bad = run_cli(*args, "model.channels=[6,16,32]", env=env)
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("cnnlab: error: stage3.conv1: input 4, F=5")

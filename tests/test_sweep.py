@@ -10,13 +10,25 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from cnnlab.tracking.groups import GROUPS_TABLE, log_group_table
 from cnnlab.tracking.sweep import SWEEP_FILE, effective_grid, factors_of, job_context
 from tests.conftest import REPO, cnnlab_train, run_sweep
 
 GRID = {"model.pooling": "max,avg,lp,gem,mixed,stride", "seed": "0,1,2"}
+GROUP_COLUMNS = [
+    "group",
+    "factor.model.pooling",
+    "runs",
+    "val_acc_mean",
+    "val_acc_std",
+    "val_acc_min",
+    "val_acc_max",
+]
 
 
 def test_the_command_line_narrows_the_experiments_grid_and_adds_factors() -> None:
@@ -67,7 +79,9 @@ def test_every_experiment_composes_with_its_grid(name: str) -> None:
 
 
 @pytest.mark.slow
-def test_pooling_ablation_is_one_parent_with_a_tagged_child_per_grid_point(tmp_path) -> None:
+def test_pooling_ablation_is_one_parent_with_a_tagged_child_per_grid_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     result, client, parent, children = run_sweep(
         tmp_path, "experiment=pooling_ablation", "model.pooling=max,avg,stride", "seed=0,1"
     )
@@ -89,6 +103,14 @@ def test_pooling_ablation_is_one_parent_with_a_tagged_child_per_grid_point(tmp_p
     assert "experiment=pooling_ablation" in tags["cnnlab.command"]
     jobs_csv = Path(client.download_artifacts(parent.info.run_id, "jobs.csv")).read_text()
     assert len(jobs_csv.strip().splitlines()) == 7  # a header and six jobs
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)  # as a user reads it back
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "sweep")
+    groups = mlflow.load_table(GROUPS_TABLE, run_ids=[parent.info.run_id])
+    assert list(groups.columns) == [*GROUP_COLUMNS, "test_acc_mean"]
+    assert sorted(groups["factor.model.pooling"]) == ["avg", "max", "stride"]
+    assert list(groups["runs"]) == [2, 2, 2]
+    assert groups["group"][0] == tags["best.group"]  # best mean first
+    assert {"path": GROUPS_TABLE, "type": "table"} in json.loads(tags["mlflow.loggedArtifacts"])
 
 
 @pytest.mark.slow
@@ -210,3 +232,40 @@ def test_an_optuna_search_records_every_trial_and_its_best(tmp_path: Path) -> No
     assert parent.data.tags["best.group"] == best.data.tags["group"]
     results = client.download_artifacts(parent.info.run_id, "optimization_results.yaml")
     assert f"best_value: {best.data.metrics['val/acc_best']}" in Path(results).read_text()
+
+
+def children(scores: dict[str, list[float]]) -> pd.DataFrame:
+    """Finished children as ``mlflow.search_runs`` frames them: a group per pooling."""
+    rows = [
+        {
+            "status": "FINISHED",
+            "tags.group": f"model.pooling={pooling}",
+            "tags.factor.model.pooling": pooling,
+            "metrics.val/acc_best": score,
+        }
+        for pooling, values in scores.items()
+        for score in values
+    ]
+    failed = {
+        "status": "FAILED",
+        "tags.group": "model.pooling=lp",
+        "tags.factor.model.pooling": "lp",
+    }
+    return pd.DataFrame([*rows, failed | {"metrics.val/acc_best": float("nan")}])
+
+
+def test_a_resumed_sweeps_group_table_replaces_the_earlier_one(
+    tmp_path: Path, tracking_uri: str
+) -> None:
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment("tests", artifact_location=tmp_path.as_uri())
+    parent = client.create_run(experiment_id).info.run_id
+    log_group_table(client, parent, children({"max": [0.9, 0.8]}))
+    log_group_table(client, parent, children({"max": [0.9, 0.8, 0.85], "avg": [0.95]}))
+    groups = mlflow.load_table(GROUPS_TABLE, run_ids=[parent])
+    assert list(groups.columns) == GROUP_COLUMNS
+    assert groups[["group", "runs"]].values.tolist() == [
+        ["model.pooling=avg", 1],
+        ["model.pooling=max", 3],
+    ]
+    assert groups["val_acc_mean"].tolist() == pytest.approx([0.95, 0.85])

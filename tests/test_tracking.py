@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from cnnlab import tracking
+from cnnlab import tracking, train
+from tests.conftest import only_run
 
 
 def test_flatten_params_uses_slashes_and_drops_hydra_noise() -> None:
@@ -146,3 +149,108 @@ def test_passwords_never_reach_params() -> None:
     assert tracking.redact_uri("logger.tracking_uri=https://u:p@h seed=1") == (
         "logger.tracking_uri=https://u:***@h seed=1"
     )
+
+
+KIND = "mlflow.experimentKind"
+
+
+def test_experiments_are_filed_as_model_training_unless_they_have_a_kind(
+    client: MlflowClient, tmp_path: Path
+) -> None:
+    new = tracking.open_experiment(client, "new", str(tmp_path))
+    assert client.get_experiment(new).tags[KIND] == "custom_model_development"
+    untagged = client.create_experiment("older", artifact_location=tmp_path.as_uri())
+    assert tracking.open_experiment(client, "older", None) == untagged
+    assert client.get_experiment(untagged).tags[KIND] == "custom_model_development"
+    chosen = client.create_experiment("genai", tags={KIND: "genai_development"})
+    tracking.open_experiment(client, "genai", None)
+    assert client.get_experiment(chosen).tags[KIND] == "genai_development"  # the user's kind
+
+
+def test_links_open_the_ui_on_the_runs_table_not_the_genai_overview() -> None:
+    # MLflow 3.17's UI picks its view from the link, not the experiment's tag (test_browser)
+    link = tracking.runs.run_link("http://u:pw@h:5000/", "3", "abc")
+    assert link == "http://u:***@h:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert tracking.runs.experiment_link("http://h:5000", "3") == (
+        "http://h:5000/#/experiments/3/runs?workflowType=machine_learning"
+    )
+
+
+def test_a_run_records_its_three_sets_as_dataset_inputs(
+    small_cfg, mnist_root: Path, tracking_uri: str
+) -> None:
+    data = [f"data.root={mnist_root}", "data.source=torchvision", "logger.system_metrics=false"]
+    train.run(small_cfg([*data, "data.split_seed=0"]))
+    train.run(small_cfg([*data, "data.split_seed=1"]))
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("tests")
+    digests = []
+    for run in client.search_runs([experiment.experiment_id], order_by=["start_time ASC"]):
+        inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+        by_context = {
+            next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+            for i in inputs
+        }
+        assert sorted(by_context) == ["test", "train", "validation"]
+        assert {d.name for d in by_context.values()} == {"mnist"}
+        assert {json.loads(d.source)["uri"] for d in by_context.values()} == {
+            str((mnist_root / "MNIST" / "raw").resolve())
+        }
+        rows = {c: json.loads(d.profile)["num_rows"] for c, d in by_context.items()}
+        assert rows == {"train": 540, "validation": 60, "test": 200}
+        digests.append({c: d.digest for c, d in by_context.items()})
+    first, second = digests
+    assert first["train"] != second["train"] and first["validation"] != second["validation"]
+    assert first["test"] == second["test"]  # the split seed draws no test image
+    assert len({*first.values()}) == 3
+
+
+def no_monitor_thread() -> bool:
+    return not any(t.name == "SystemMetricsMonitor" for t in threading.enumerate())
+
+
+def test_a_run_logs_system_metrics_until_it_ends(small_cfg, tracking_uri: str) -> None:
+    train.run(small_cfg(["logger.system_metrics_every_s=0.1"]))
+    client, run = only_run(tracking_uri)
+    assert no_monitor_thread()
+    history = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert history and "system/system_memory_usage_megabytes" in run.data.metrics
+    assert max(m.timestamp for m in history) <= run.info.end_time
+
+
+def test_a_failing_run_stops_its_system_metrics(client: MlflowClient, tmp_path: Path) -> None:
+    experiment_id = tracking.open_experiment(client, "monitored", str(tmp_path))
+    with pytest.raises(RuntimeError), tracking.TrackedRun(client, experiment_id, "r", {}) as run:
+        run.monitor_system(0.05)
+        time.sleep(0.5)
+        raise RuntimeError("boom")
+    assert no_monitor_thread()
+    ended = client.get_run(run.run_id)
+    assert ended.info.status == "FAILED"
+    history = client.get_metric_history(run.run_id, "system/cpu_utilization_percentage")
+    assert history and max(m.timestamp for m in history) <= ended.info.end_time
+    time.sleep(0.3)
+    assert len(client.get_metric_history(run.run_id, "system/cpu_utilization_percentage")) == len(
+        history
+    )
+
+
+PLATEAU = [
+    "scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+    "~scheduler.max_lr",
+    "~scheduler.pct_start",
+    "+scheduler.patience=0",
+]
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "steps"),
+    [([], list(range(8))), (PLATEAU, [0, 4])],  # one-cycle: per step; plateau: per epoch
+    ids=["one-cycle", "plateau"],
+)
+def test_the_learning_rate_is_logged_at_its_schedulers_interval(
+    small_cfg, tracking_uri: str, scheduler: list[str], steps: list[int]
+) -> None:
+    train.run(small_cfg([*scheduler, "logger.system_metrics=false"]))
+    client, run = only_run(tracking_uri)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "lr-AdamW")] == steps

@@ -114,7 +114,7 @@ def test_hydra_help_and_cfg_job_work() -> None:
     assert "pooling: avg" in shown.stdout and "_target_: torch.optim.AdamW" in shown.stdout
     helped = cnnlab_train("--help")
     assert helped.returncode == 0 and "Configuration groups" in helped.stdout
-    assert "model: alexnet_small, cnn, lenet5, speedrun" in helped.stdout
+    assert "alexnet_small, cnn, lenet5, speedrun" in helped.stdout
     info = cnnlab_train("--info")
     assert info.returncode == 0 and "Config search path" in info.stdout
 

@@ -37,6 +37,7 @@ from cnnlab import compose, config, tracking
 from cnnlab.checks import ConfigError, fail
 from cnnlab.cli import USER_ERRORS
 from cnnlab.data import DATASETS, ImageDataModule, dataset_info
+from cnnlab.data.inputs import dataset_inputs
 from cnnlab.launch.runtime import Runtime
 from cnnlab.models import InputSpec
 from cnnlab.tracking import record
@@ -329,6 +330,7 @@ def record_evaluation(
         )
         params = tracking.flatten_params({"data": data}) | split_sizes(datamodule)
         run.log_params(params | {"data/source_resolved": str(datamodule.source_used)})
+        run.log_datasets(d for d in dataset_inputs(datamodule) if d["context"] == "test")
         resolved = OmegaConf.to_yaml(OmegaConf.structured(evaluation.settings))
         run.log_text(tracking.redact_uri(resolved), "config.yaml")
         results = evaluation.trainer.test(

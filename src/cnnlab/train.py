@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from cnnlab import cli, compose, config, pictures, tracking
 from cnnlab.checks import fail, one_line
 from cnnlab.cli import USER_ERRORS
+from cnnlab.data.inputs import dataset_inputs
 from cnnlab.launch import local, processes
 from cnnlab.launch.runtime import Runtime
 from cnnlab.models.summary import describe
@@ -260,11 +261,15 @@ def record_job(
     )
     with tracked as run:
         plan.logger.open(run.run_id, experiment_id)
+        if job.settings.logger.system_metrics:
+            run.monitor_system(job.settings.logger.system_metrics_every_s, resumed=bool(target))
         if target is None:
             report = describe(job.net, job.spec)
             resolved = OmegaConf.to_container(job.cfg, resolve=True, enum_to_str=True)
             params = tracking.flatten_params(resolved) | facts(job, report)
-            record.record_setup(run, params, OmegaConf.to_yaml(job.cfg, resolve=True), report.table)
+            config_yaml = OmegaConf.to_yaml(job.cfg, resolve=True)
+            datasets = dataset_inputs(job.datamodule)
+            record.record_setup(run, params, config_yaml, report.table, datasets)
         try:
             result = fit_and_test(job)
         except BaseException:
@@ -300,7 +305,7 @@ def record_result(job: Job, run: tracking.TrackedRun, plan: Plan, result: FitRes
     record.record_result(
         run, final, result.step, plan.logged, result.best_checkpoint, result.best_val
     )
-    if job.settings.logger.log_model:
+    if job.settings.logger.log_model or job.settings.sweep.register_best:
         log_model(job, run, result)
     if job.settings.logger.pictures:
         log_pictures(job, run)
@@ -320,6 +325,8 @@ def log_pictures(job: Job, run: tracking.TrackedRun) -> None:
     job.trainer.logger.flush()  # every buffered metric in the store: the curves read it back
     test = job.datamodule.test_set
     images, labels = test.images[:PICTURE_IMAGES], test.labels[:PICTURE_IMAGES]
+    checkpoint = job.trainer.checkpoint_callback  # the test loaded its best into job.net
+    tested_best = job.settings.test and checkpoint is not None and checkpoint.best_model_path
     figures = pictures.for_run(
         job.net.cpu(),
         images,
@@ -328,6 +335,9 @@ def log_pictures(job: Job, run: tracking.TrackedRun) -> None:
         job.datamodule.info.class_names,
         record.metric_history(run, CURVES),
         job.module.test_confusion_matrix,
+        run_name=run.run.info.run_name,
+        test_size=len(test.labels),
+        weights="best checkpoint" if tested_best else "final weights",
     )
     record.record_figures(run, figures)
     log.info("pictures drawn and logged in %.1f s", time.perf_counter() - start)
@@ -338,6 +348,12 @@ def main(cfg: DictConfig) -> float | None:
     return run(cfg)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """``cnnlab-train`` and ``python -m cnnlab.train``: the flags Hydra would refuse in a
+    traceback are refused in one line first, then Hydra runs."""
     cli.check_flags(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    console()

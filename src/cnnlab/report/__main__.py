@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from cnnlab import config
@@ -15,7 +16,9 @@ from cnnlab.tracking.runs import connect, sqlite_file
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cnnlab.report", description=__doc__)
+    script = Path(sys.argv[0]).name  # cnnlab-report, or __main__.py for python -m
+    prog = "python -m cnnlab.report" if script == "__main__.py" else script
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--experiment", help="the study (default: the newest sweep's)")
     parser.add_argument(
         "--parent",

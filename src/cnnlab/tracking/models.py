@@ -9,11 +9,14 @@ import time
 
 import mlflow
 import mlflow.pytorch
+import pandas as pd
 import torch
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 from torch import Tensor, nn
 
+from cnnlab.checks import ConfigError
+from cnnlab.tracking.continuation import REUSED_TAG
 from cnnlab.tracking.runs import TrackedRun
 
 log = logging.getLogger("cnnlab")
@@ -55,10 +58,30 @@ def log_model(run: TrackedRun, model: nn.Module, example: Tensor) -> str:
     return uri
 
 
-def register_best(client: MlflowClient, run_id: str, name: str) -> str:
+def best_run_of(jobs: pd.DataFrame, group: str, score: str) -> str:
+    """The id of the run that trained the best finished job of ``group`` (by ``score``): a
+    reused job's model is in the run it reused."""
+    done = jobs[(jobs["status"] == "FINISHED") & (jobs["tags.group"] == group)]
+    best = done.loc[done[score].idxmax()]
+    reused = best.get(f"tags.{REUSED_TAG}")
+    return reused if isinstance(reused, str) and reused else best["run_id"]
+
+
+def register_best(client: MlflowClient, run_id: str, name: str) -> tuple[str, str]:
     """Register run ``run_id``'s logged model as a new version of ``name`` and point the
-    alias ``best`` at it; returns ``models:/<name>@best``."""
+    alias ``best`` at it; returns ``models:/<name>@best`` and the version.
+
+    Raises:
+        ConfigError: the run has no logged model.
+    """
+    run = client.get_run(run_id)
+    if MODEL_TAG not in run.data.tags:
+        raise ConfigError(
+            f"sweep.register_best={name}: the best run {run_id} ({run.info.run_name}) has no "
+            "logged model: it was trained by an earlier start without sweep.register_best or "
+            "logger.log_model; train it again (sweep.reuse=false, a new sweep) to register it"
+        )
     mlflow.set_tracking_uri(client.tracking_uri)
-    version = mlflow.register_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", name)
+    version = mlflow.register_model(run.data.tags[MODEL_TAG], name)
     client.set_registered_model_alias(name, BEST_ALIAS, version.version)
-    return f"models:/{name}@{BEST_ALIAS}"
+    return f"models:/{name}@{BEST_ALIAS}", str(version.version)

@@ -9,8 +9,9 @@ import json
 import logging
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
@@ -135,12 +136,18 @@ def _send_unsent(client: MlflowClient, run: Run) -> None:
 
 
 def record_setup(
-    run: TrackedRun, params: Mapping[str, str], config_yaml: str, model_table: str
+    run: TrackedRun,
+    params: Mapping[str, str],
+    config_yaml: str,
+    model_table: str,
+    datasets: Iterable[Mapping[str, Any]] = (),
 ) -> None:
-    """Params, the resolved config and the model's layer table of a new run."""
+    """Params, the resolved config, the model's layer table and the datasets (train,
+    validation, test: see TrackedRun.log_datasets) of a new run."""
     run.log_params(params)
     run.log_text(redact_uri(config_yaml), "config.yaml")
     run.log_text(model_table, "model_summary.txt")
+    run.log_datasets(datasets)
 
 
 def record_result(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.metadata
+import json
 import logging
 import os
 import re
@@ -12,15 +13,18 @@ import socket
 import subprocess
 import threading
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
 import requests
 from mlflow import MlflowClient
-from mlflow.entities import Param
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -30,6 +34,13 @@ from cnnlab.tracking import retry
 log = logging.getLogger("cnnlab")
 PACKAGES = ("torch", "lightning", "torchvision", "torchmetrics", "mlflow", "hydra-core")
 MAX_TAG_CHARS = 5000  # the error tag keeps the start of a long message; the rest is an artifact
+# The kind MLflow 3's UI records when a user files an experiment under "Machine learning".
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# MLflow 3.17's UI does not read that tag to choose a view (its workflow switch is on in the
+# open-source build): it shows an experiment as GenAI (overview, traces) or as machine
+# learning (the runs table) by this query parameter, else by the browser's last choice,
+# else GenAI. So every link cnnlab prints asks for the runs table.
+ML_VIEW = "?workflowType=machine_learning"
 
 
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -157,7 +168,8 @@ def sqlite_file(tracking_uri: str) -> Path | None:
 
 
 def open_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """The id of experiment ``name``, created if missing (tolerating a concurrent creator).
+    """The id of experiment ``name``, created if missing (tolerating a concurrent creator),
+    tagged as an experiment of model training (EXPERIMENT_KIND) unless it has a kind.
 
     A new experiment in a sqlite store keeps its artifacts in ``artifact_location``, by
     default ``mlartifacts/`` beside the database, so a store and its artifacts travel
@@ -172,6 +184,9 @@ def open_experiment(client: MlflowClient, name: str, artifact_location: str | No
             f"{experiment.experiment_id}), purge it (mlflow gc), or choose another name"
         )
     if experiment is not None:
+        kind, value = next(iter(EXPERIMENT_KIND.items()))
+        if kind not in experiment.tags:  # made before cnnlab tagged; a user's own kind stays
+            client.set_experiment_tag(experiment.experiment_id, kind, value)
         return experiment.experiment_id
     database = sqlite_file(client.tracking_uri)
     location = None
@@ -179,7 +194,7 @@ def open_experiment(client: MlflowClient, name: str, artifact_location: str | No
         folder = Path(artifact_location) if artifact_location else database.parent / "mlartifacts"
         location = folder.resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException:  # another process created it first
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -235,6 +250,7 @@ class TrackedRun:
         self.run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
         self.run_id = self.run.info.run_id
         self._previous_sigterm = None
+        self._monitor = None  # the system metrics' thread (monitor_system)
 
     @classmethod
     def reopen(cls, client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> TrackedRun:
@@ -246,7 +262,7 @@ class TrackedRun:
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
         run = cls.__new__(cls)
-        run.client, run.run_id, run._previous_sigterm = client, run_id, None
+        run.client, run.run_id, run._previous_sigterm, run._monitor = client, run_id, None, None
         run.run = client.get_run(run_id)
         return run
 
@@ -272,6 +288,44 @@ class TrackedRun:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_datasets(self, datasets: Iterable[Mapping[str, Any]]) -> None:
+        """Each of ``datasets`` as one of the run's dataset inputs: its ``name``, ``digest``,
+        ``source`` (a local file or folder), ``rows`` and ``context`` (train, validation or
+        test). Only what identifies the data is stored, never the images."""
+        inputs = []
+        for dataset in datasets:
+            source = LocalArtifactDatasetSource(str(dataset["source"]))
+            meta = MetaDataset(source, name=dataset["name"], digest=dataset["digest"]).to_dict()
+            entity = Dataset(**meta, profile=json.dumps({"num_rows": dataset["rows"]}))
+            context = InputTag(MLFLOW_DATASET_CONTEXT, dataset["context"])
+            inputs.append(DatasetInput(entity, tags=[context]))
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def monitor_system(self, every_s: float, *, resumed: bool = False) -> None:
+        """Log CPU, memory, disk, network (and NVIDIA GPU, with nvidia-ml-py) use as the
+        run's ``system/*`` metrics every ``every_s`` seconds, from a thread that stops when
+        the run ends, however it ends. A ``resumed`` run's steps go on from its last."""
+        # imported when used: it needs psutil, which MLflow itself does not require
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # Its start and stop are four INFO lines a run in a training log; problems still show.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        self._monitor = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=every_s,
+            resume_logging=resumed,
+            tracking_uri=self.client.tracking_uri,
+        )
+        self._monitor.start()
+
+    def _stop_monitor(self) -> None:
+        """Stop the system metrics' thread and send what it holds, before the run ends: no
+        metric is written after its end."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.finish()  # logs, never raises, a store that refuses the last batch
+
     def __exit__(
         self,
         kind: type[BaseException] | None,
@@ -280,6 +334,7 @@ class TrackedRun:
     ) -> None:
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
+        self._stop_monitor()
         if error is None:
             self.client.set_terminated(self.run_id, "FINISHED")
         elif isinstance(error, KeyboardInterrupt | SystemExit):
@@ -289,6 +344,7 @@ class TrackedRun:
 
     def end_failed(self, message: str) -> None:
         """End the run FAILED with ``message`` as its error (a job refused before training)."""
+        self._stop_monitor()
         self._end_with_error("FAILED", message)
 
     def _end_with_error(self, status: str, message: str, *exc_info) -> None:
@@ -381,11 +437,18 @@ def end_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """Where a person opens the run: the tracking server's page, or ``make ui``'s."""
+    return f"{ui_address(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}{ML_VIEW}"
+
+
+def experiment_link(tracking_uri: str, experiment_id: str) -> str:
+    """Where a person opens the experiment's runs table."""
+    return f"{ui_address(tracking_uri)}/#/experiments/{experiment_id}/runs{ML_VIEW}"
+
+
+def ui_address(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
-        where = redact_uri(tracking_uri.rstrip("/"))
-    else:
-        where = "make ui, then http://127.0.0.1:5000"
-    return f"{where}/#/experiments/{experiment_id}/runs/{run_id}"
+        return redact_uri(tracking_uri.rstrip("/"))
+    return "make ui, then http://127.0.0.1:5000"
 
 
 def exit_on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -35,9 +35,11 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.checks import ConfigError, fail, one_line, redact_uri
-from cnnlab.config import REPO_ROOT, to_settings
+from cnnlab.config import REPO_ROOT, SweepConfig, to_settings
 from cnnlab.tracking import identity, retry
 from cnnlab.tracking.continuation import SUPERSEDED_TAG, Action, Continuation, Decision, decide
+from cnnlab.tracking.groups import log_group_table
+from cnnlab.tracking.models import best_run_of, register_best
 from cnnlab.tracking.runs import (
     MAX_TAG_CHARS,
     TrackedRun,
@@ -333,21 +335,45 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             counts = self._summarize()
+            registered = self._register_best(config.sweep.get("register_best"), counts)
             # A sweep none of whose jobs finished produced nothing to compare: it failed.
             self._end("FAILED" if counts.total and not counts.finished else "FINISHED")
         except Exception as error:
             self._abort("summarizing the sweep", error)
         print(self._closing_lines(counts), flush=True)
+        if registered:
+            print(f"best model: {registered}", flush=True)
         if counts.failed:
             print(
                 f"cnnlab: {counts.failed} sweep job(s) FAILED; see the parent run "
                 f"{self.parent_run_id} and its jobs.csv",
                 file=sys.stderr,
             )
+        if counts.failed or registered is None:
             sys.exit(1)
+
+    def _register_best(self, name: str | None, counts: JobCounts) -> str | None:
+        """``sweep.register_best=<name>``: the best group's best run's model becomes a new
+        version of ``name`` with the alias ``best`` (tag ``best.model`` on the parent).
+        Returns what was registered, "" when nothing was asked, None (and one line) when
+        it could not be."""
+        if not name or counts.best_group is None:
+            return ""
+        try:
+            jobs = children_frame(self.client, self.experiment_id, self.parent_run_id)
+            run_id = best_run_of(jobs, counts.best_group, SCORE)
+            uri, version = register_best(self.client, run_id, name)
+        except (ConfigError, MlflowException) as error:
+            print(f"cnnlab: error: {redact_uri(one_line(error))}", file=sys.stderr)
+            self.client.set_tag(self.parent_run_id, "best.model", f"not registered: {error}")
+            return None
+        registered = f"{uri} (version {version} of run {run_id})"
+        self.client.set_tag(self.parent_run_id, "best.model", registered)
+        return registered
 
     def _open(self, config: DictConfig) -> None:
         check_sweeper(config.hydra.sweeper)
+        SweepConfig(**OmegaConf.to_container(config.sweep, resolve=True))  # its checks, first
         logger = config.logger
         if config.sweep.resume:  # a sweep to continue is in a store that exists
             _store_to_continue(logger.tracking_uri, str(config.sweep.resume))
@@ -408,7 +434,8 @@ class SweepCallback(Callback):
         return run_id
 
     def _summarize(self) -> JobCounts:
-        """Tag the parent with the jobs' outcome and the best group; attach jobs.csv."""
+        """Tag the parent with the jobs' outcome and the best group; attach jobs.csv and
+        the group table (groups.json)."""
         client, parent = self.client, self.parent_run_id
         jobs = children_frame(client, self.experiment_id, parent)
         counts = JobCounts.of(jobs)
@@ -429,6 +456,7 @@ class SweepCallback(Callback):
             path = Path(folder) / "jobs.csv"
             jobs.to_csv(path, index=False)
             client.log_artifact(parent, str(path))
+        log_group_table(client, parent, jobs)
         # Optimizing sweepers (Optuna) write their best parameters here.
         optimized = self.sweep_dir / "optimization_results.yaml"
         if optimized.exists():
