@@ -3,6 +3,7 @@ a real sqlite store; the result is a new run nested under the trained one."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -17,20 +18,23 @@ from tests.conftest import SMALL, cnnlab_train, run_cli, write_mnist
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory):
-    """One tiny LeNet-5 run on MNIST files in torchvision's format, and a FAILED one that
-    saved no checkpoint (its loss went non-finite at once): the store, its client, both runs."""
+    """Tiny LeNet-5 runs on MNIST files in torchvision's format: one with max pooling, one
+    with average pooling, and a FAILED one that saved no checkpoint (its loss went non-finite
+    at once): the store, its client, the max run, the failed one and the avg one."""
     folder = tmp_path_factory.mktemp("eval")
     root = write_mnist(folder / "mnist")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "t"}
     common = [*SMALL, f"data.root={root}", "data.source=torchvision", f"paths.log_dir={folder}"]
-    assert cnnlab_train(*common, env=env).returncode == 0
+    for pooling in ("max", "avg"):
+        assert cnnlab_train(*common, f"model.pooling={pooling}", env=env).returncode == 0
     failed = cnnlab_train(*common, "optimizer.lr=1e12", "scheduler=null", env=env)
     assert failed.returncode == 2, failed.stderr[-2000:]
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
-    finished = next(r for r in runs if r.info.status == "FINISHED")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    by_pooling = {r.data.params["model/pooling"]: r for r in finished}
     no_checkpoint = next(r for r in runs if r.info.status == "FAILED")
-    return folder, env, client, finished, no_checkpoint
+    return folder, env, client, by_pooling["max"], no_checkpoint, by_pooling["avg"]
 
 
 def cnnlab_eval(folder: Path, env: dict[str, str], *args: str):
@@ -44,9 +48,10 @@ def evaluations(client: MlflowClient, run_id: str):
 
 
 def test_eval_tests_the_best_checkpoint_again_in_a_run_nested_under_the_trained_one(trained):
-    folder, env, client, run, _ = trained
+    folder, env, client, run, *_ = trained
     before = client.get_run(run.info.run_id).data
-    result = cnnlab_eval(folder, env, f"run={run.info.run_id}")
+    # Training tested 2 batches (SMALL); asked for the same, the eval sees the same images.
+    result = cnnlab_eval(folder, env, f"run={run.info.run_id}", "trainer.limit_test_batches=2")
     assert result.returncode == 0, result.stderr[-3000:]
     [evaluation] = evaluations(client, run.info.run_id)
     tags = evaluation.data.tags
@@ -69,19 +74,24 @@ def test_eval_tests_the_best_checkpoint_again_in_a_run_nested_under_the_trained_
     assert f"MLflow run: {evaluation.info.run_id}" in result.stdout
 
 
-def test_eval_on_another_source_names_the_data_it_tested(trained):
-    folder, env, client, run, _ = trained
+def test_eval_on_another_source_tests_all_of_it_and_names_it(trained):
+    folder, env, client, run, *_ = trained
     result = cnnlab_eval(folder, env, f"run={run.info.run_id}", "data.source=bundled")
     assert result.returncode == 0, result.stderr[-3000:]
     evaluation = max(evaluations(client, run.info.run_id), key=lambda r: r.info.start_time)
     assert evaluation.data.tags["eval.dataset"] == "mnist (bundled)"
     assert evaluation.data.params["data/source_resolved"] == "bundled"
+    # The whole test set: training's limit_test_batches=2 was training's own.
+    [tested] = evaluation.inputs.dataset_inputs
+    rows = json.loads(tested.dataset.profile)["num_rows"]
+    assert rows == int(evaluation.data.params["data/test_images"]) > 2 * 64
+    assert evaluation.data.params.get("trainer/limit_test_batches") in (None, "None")
     assert 0 <= evaluation.data.metrics["test/acc"] <= 1
 
 
 @pytest.mark.slow
 def test_eval_of_a_checkpoint_file_finds_the_run_that_saved_it(trained):
-    folder, env, client, run, _ = trained
+    folder, env, client, run, *_ = trained
     last = run.data.tags["checkpoint.last"]
     result = cnnlab_eval(folder, env, f"ckpt={last}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -124,25 +134,43 @@ def test_a_checkpoint_rebuilds_its_model_alone(trained):
         (("run={failed}",), "has no checkpoint: it saved none before it ended"),
         (("ckpt={folder}/mlflow.db",), "mlflow.db: not a checkpoint torch can read"),
         (("ckpt={folder}/nothing.ckpt",), "nothing.ckpt: no such file"),
+        (("run={run}", "ckpt={other_ckpt}"), "last.ckpt was saved by run {other}"),
+        (("run={run}", "ckpt={moved}"), "(model.pooling: avg against max)"),
     ],
 )
 def test_bad_eval_input_is_one_line_exit_2_and_records_nothing(trained, args, message):
-    folder, env, client, run, failed = trained
-    names = {"run": run.info.run_id, "failed": failed.info.run_id, "folder": folder}
+    folder, env, client, run, failed, other = trained
+    moved = folder / "moved" / "other.ckpt"  # the avg run's checkpoint, away from its folder
+    if not moved.exists():
+        moved.parent.mkdir(exist_ok=True)
+        shutil.copy(other.data.tags["checkpoint.last"], moved)
+    names = {"run": run.info.run_id, "failed": failed.info.run_id, "folder": folder,
+             "other": other.info.run_id, "other_ckpt": other.data.tags["checkpoint.last"],
+             "moved": moved}  # fmt: skip
     experiment = run.info.experiment_id
     runs_before = len(client.search_runs([experiment]))
     result = cnnlab_eval(folder, env, *(arg.format(**names) for arg in args))
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("cnnlab: error: ") and message in last, last
+    assert last.startswith("cnnlab: error: ") and message.format(**names) in last, last
     assert "Traceback" not in result.stderr
     assert len(client.search_runs([experiment])) == runs_before
 
 
-def test_eval_against_a_store_that_does_not_exist_creates_none(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("run=0123abc",), "there is no store at {missing}"),
+        (("ckpt=/nothing.ckpt",), "ckpt=/nothing.ckpt: no such file"),
+        (("run=0123abc", "model.head=gap"), "model.head=gap: an evaluation tests the model"),
+    ],
+)
+def test_eval_against_a_store_that_does_not_exist_creates_none(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
     missing = tmp_path / "gone" / "mlflow.db"
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{missing}"}
-    result = cnnlab_eval(tmp_path, env, "run=0123abc")
+    result = cnnlab_eval(tmp_path, env, *args)
     assert result.returncode == 2
-    assert f"there is no store at {missing}" in result.stderr.strip().splitlines()[-1]
+    assert message.format(missing=missing) in result.stderr.strip().splitlines()[-1]
     assert not missing.parent.exists()

@@ -25,13 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow import MlflowClient
-from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab import compose, config, tracking
 from cnnlab.checks import ConfigError, fail
@@ -40,11 +38,11 @@ from cnnlab.data import DATASETS, ImageDataModule, dataset_info
 from cnnlab.data.inputs import dataset_inputs
 from cnnlab.launch.runtime import Runtime
 from cnnlab.models import InputSpec
-from cnnlab.tracking import record
-from cnnlab.tracking.resume import CHECKPOINT_TAG
 from cnnlab.tracking.runs import run_link, sqlite_file
+from cnnlab.tracking.trained import EVAL_ROLE, Trained, check_file, find_trained
 from cnnlab.training.classifier import Classifier, describing
 from cnnlab.training.job import build_trainer, split_sizes
+from cnnlab.training.perf import FastPath
 
 log = logging.getLogger("cnnlab")
 
@@ -53,7 +51,6 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Only the weights are wanted from the checkpoint: the callbacks that saved it do not test.
 warnings.filterwarnings("ignore", ".*callbacks used to create the checkpoint need to be.*")
 
-EVAL_ROLE = "eval"
 # What an evaluation may change of the trained run's settings: what it is tested on and
 # where. logger and paths are this command's own (the store and folders of this machine).
 CHANGEABLE = ("data", "trainer", "perf")
@@ -66,18 +63,6 @@ class EvalConfig(config.TrainConfig):
 
     run: str | None = None  # the trained run's id
     ckpt: str | None = None  # a checkpoint file; default: the run's best (tag checkpoint.best)
-
-
-@dataclass(frozen=True)
-class Trained:
-    """What is evaluated: its training run (None: a checkpoint of no run this store knows),
-    the checkpoint file, and how the result names it."""
-
-    run: Run | None
-    checkpoint: Path
-    name: str  # runs:/<id>/checkpoints/<file> for the run's own, else the file's path
-    state: dict[str, Any]  # the checkpoint, read with weights_only
-    config: DictConfig | None  # the run's resolved config.yaml; None without a run
 
 
 def register() -> None:
@@ -103,6 +88,15 @@ def check_overrides(overrides: list[str]) -> None:
             )
 
 
+def check_request(cfg: DictConfig, overrides: list[str]) -> None:
+    """What the command line asks, checked before the store is opened (or created)."""
+    check_overrides(overrides)
+    if not cfg.run and not cfg.ckpt:
+        raise ConfigError("nothing to evaluate; valid: run=<run id>, ckpt=<checkpoint file>")
+    if cfg.ckpt:
+        check_file(cfg.ckpt)
+
+
 def connect(cfg: DictConfig) -> MlflowClient:
     """The store, which must exist already when a run is named (nothing is created)."""
     database = sqlite_file(cfg.logger.tracking_uri)
@@ -114,92 +108,34 @@ def connect(cfg: DictConfig) -> MlflowClient:
     return tracking.connect(cfg.logger.tracking_uri, cfg.logger.retry_s)
 
 
-def find_trained(client: MlflowClient, cfg: DictConfig, into: Path) -> Trained:
-    """The run and checkpoint ``run=`` and ``ckpt=`` name, the checkpoint read."""
-    if not cfg.run and not cfg.ckpt:
-        raise ConfigError("nothing to evaluate; valid: run=<run id>, ckpt=<checkpoint file>")
-    run = training_run(client, cfg.run) if cfg.run else None
-    if cfg.ckpt:
-        checkpoint = Path(cfg.ckpt).expanduser().resolve()
-        if not checkpoint.is_file():
-            raise ConfigError(f"ckpt={cfg.ckpt}: no such file")
-        run = run or run_of_checkpoint(client, checkpoint)
-        name = str(checkpoint)
-    else:
-        name = best_checkpoint_of(run)
-        checkpoint = Path(client.download_artifacts(run.info.run_id, name, str(into)))
-        name = f"runs:/{run.info.run_id}/{name}"
-    state = read_checkpoint(checkpoint)
-    recorded = recorded_config(client, run, into) if run is not None else None
-    return Trained(run, checkpoint, name, state, recorded)
-
-
-def training_run(client: MlflowClient, run_id: str) -> Run:
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as error:
-        raise ConfigError(f"run={run_id}: no such run in {client.tracking_uri}") from error
-    if run.data.tags.get("cnnlab.role") in ("sweep", EVAL_ROLE):
-        role = run.data.tags["cnnlab.role"]
-        raise ConfigError(f"run={run_id} is a {role} run; valid: the id of a training run")
-    return run
-
-
-def best_checkpoint_of(run: Run) -> str:
-    """The artifact path of ``run``'s best checkpoint, which training tags."""
-    path = run.data.tags.get(record.BEST_CHECKPOINT_TAG)
-    if not path:
-        raise ConfigError(
-            f"run={run.info.run_id} ({run.info.run_name}, {run.info.status}) has no checkpoint: "
-            "it saved none before it ended; valid: a run tagged checkpoint.best, or "
-            "ckpt=<checkpoint file>"
-        )
-    return path
-
-
-def run_of_checkpoint(client: MlflowClient, checkpoint: Path) -> Run | None:
-    """The run whose checkpoints are saved in ``checkpoint``'s folder (training tags where
-    its last one goes), or None."""
-    last = str(checkpoint.parent / "last.ckpt")
-    if "'" in last:  # MLflow's filter language has no escape for it
-        return None
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    found = client.search_runs(experiments, f"tags.`{CHECKPOINT_TAG}` = '{last}'", max_results=2)
-    return found[0] if len(found) == 1 else None
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    try:  # tensors and plain data only: no code runs from the file
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many kinds for a file that is no checkpoint
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"ckpt={path}: not a checkpoint torch can read ({first})") from error
-
-
-def recorded_config(client: MlflowClient, run: Run, into: Path) -> DictConfig:
-    """The resolved config training recorded (``config.yaml``)."""
-    try:
-        path = client.download_artifacts(run.info.run_id, "config.yaml", str(into))
-    except (MlflowException, OSError) as error:
-        raise ConfigError(
-            f"run={run.info.run_id} has no config.yaml artifact: it was not recorded by "
-            "cnnlab.train; valid: the id of a training run"
-        ) from error
-    return OmegaConf.load(path)
-
-
 def settings_to_test(cfg: DictConfig, overrides: list[str], trained: Trained) -> DictConfig:
     """The trained run's config (for a checkpoint alone, this command's, with the
     checkpoint's model), with this command's changes to ``data``, ``trainer`` and ``perf``,
-    its own logger and paths, on one device."""
+    its own logger and paths, on one device, over the whole test set.
+
+    Raises:
+        ConfigError: the recorded config or the checkpoint's model does not fit the schema.
+    """
+    try:
+        return _settings_to_test(cfg, overrides, trained)
+    except OmegaConfBaseException as error:  # e.g. a key this cnnlab no longer has
+        first = str(error).splitlines()[0]
+        raise ConfigError(
+            f"{trained.name}: its settings do not fit this cnnlab ({first})"
+        ) from error
+
+
+def _settings_to_test(cfg: DictConfig, overrides: list[str], trained: Trained) -> DictConfig:
     fields = [field.name for field in dataclasses.fields(config.TrainConfig)]
     own = OmegaConf.masked_copy(cfg, fields)
     tested = OmegaConf.merge(OmegaConf.structured(config.TrainConfig), own)
     if trained.config is not None:
         tested = OmegaConf.merge(OmegaConf.structured(config.TrainConfig), trained.config)
+        # The whole test set, unless this command limits it (training's limits were its own).
+        tested.trainer.update(limit_test_batches=None, fast_dev_run=False)
         apply_changes(tested, cfg, overrides)
     else:
-        described = trained.state.get("hyper_parameters", {}).get("model")
+        described = trained.described.get("model")
         if described is None:
             raise ConfigError(
                 f"ckpt={trained.checkpoint} does not hold its model's settings (saved by an "
@@ -265,8 +201,7 @@ def plan(cfg: DictConfig, runtime: Runtime, client: MlflowClient, into: Path) ->
     Raises:
         ConfigError, DataError: one line for the user, before any run exists.
     """
-    check_overrides(runtime.overrides)
-    trained = find_trained(client, cfg, into)
+    trained = find_trained(client, cfg.run, cfg.ckpt, into)
     tested = settings_to_test(cfg, runtime.overrides, trained)
     tested.paths.output_dir = runtime.output_dir
     settings = config.to_settings(tested)
@@ -275,16 +210,27 @@ def plan(cfg: DictConfig, runtime: Runtime, client: MlflowClient, into: Path) ->
     datamodule = ImageDataModule(settings.data, shuffle_seed=settings.seed)
     datamodule.setup("test")
     module = Classifier(None, spec.classes, **describing(settings.model, spec))
-    trainer = build_trainer(settings, [], devices=None, logger=None)
+    try:  # the weights must fit the model: a checkpoint of another one is refused here
+        module.load_state_dict(trained.state["state_dict"])
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise ConfigError(f"{trained.name} does not fit the run's model ({first})") from error
+    perf = settings.perf
+    speed = FastPath(
+        perf.memory_format.value, perf.compile, perf.compile_mode, perf.matmul_precision
+    )
+    trainer = build_trainer(settings, [speed], devices=None, logger=None)
     return Evaluation(trained, settings, datamodule, module, trainer)
 
 
 def model_input(trained: Trained, settings: config.TrainConfig) -> InputSpec:
     """The input the model was built for: as its checkpoint says, or (an older checkpoint)
     as the trained run's dataset gives it."""
-    described = trained.state.get("hyper_parameters", {}).get("input_spec")
+    described = trained.described.get("input_spec")
     if described is not None:
         return InputSpec(**described)
+    if trained.config is None:
+        raise ConfigError(f"ckpt={trained.checkpoint} does not say what input its model takes")
     return spec_of(str(trained.config.data.name))
 
 
@@ -348,6 +294,7 @@ def run(cfg: DictConfig) -> float:
     runtime = Runtime.from_hydra()
     with tempfile.TemporaryDirectory(prefix="cnnlab-eval-") as into:
         try:
+            check_request(cfg, runtime.overrides)
             client = connect(cfg)
             evaluation = plan(cfg, runtime, client, Path(into))
         except USER_ERRORS as error:

@@ -305,28 +305,34 @@ def record_result(job: Job, run: tracking.TrackedRun, plan: Plan, result: FitRes
     record.record_result(
         run, final, result.step, plan.logged, result.best_checkpoint, result.best_val
     )
-    if job.settings.logger.log_model or job.settings.sweep.register_best:
-        log_model(job, run, result)
+    logs_model = job.settings.logger.log_model or bool(job.settings.sweep.register_best)
+    if not (logs_model or job.settings.logger.pictures):
+        return
+    weights = best_weights(job, result)
+    if logs_model:  # MLflow's pytorch flavor, runs:/<id>/model
+        tracking.log_model(run, *servable(job.net, job.datamodule))
     if job.settings.logger.pictures:
-        log_pictures(job, run)
+        log_pictures(job, run, weights)
 
 
-def log_model(job: Job, run: tracking.TrackedRun, result: FitResult) -> None:
-    """The best checkpoint's model as MLflow's pytorch flavor (``runs:/<id>/model``)."""
-    if not job.settings.test and result.best_checkpoint:  # untested: the last epoch's weights
+def best_weights(job: Job, result: FitResult) -> str:
+    """Put the best checkpoint's weights in ``job.net`` (the test has loaded them already),
+    so that the logged model and the pictures show what was tested; returns which ones the
+    net holds."""
+    if not result.best_checkpoint:
+        return "final weights"
+    if not job.settings.test:
         state = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
         job.module.load_state_dict(state["state_dict"])
-    tracking.log_model(run, *servable(job.net, job.datamodule))
+    return "best checkpoint"
 
 
-def log_pictures(job: Job, run: tracking.TrackedRun) -> None:
-    """Per-run pictures (cnnlab.pictures) of the tested model, under ``pictures/``."""
+def log_pictures(job: Job, run: tracking.TrackedRun, weights: str) -> None:
+    """Per-run pictures (cnnlab.pictures) of the net's ``weights``, under ``pictures/``."""
     start = time.perf_counter()
     job.trainer.logger.flush()  # every buffered metric in the store: the curves read it back
     test = job.datamodule.test_set
     images, labels = test.images[:PICTURE_IMAGES], test.labels[:PICTURE_IMAGES]
-    checkpoint = job.trainer.checkpoint_callback  # the test loaded its best into job.net
-    tested_best = job.settings.test and checkpoint is not None and checkpoint.best_model_path
     figures = pictures.for_run(
         job.net.cpu(),
         images,
@@ -337,7 +343,7 @@ def log_pictures(job: Job, run: tracking.TrackedRun) -> None:
         job.module.test_confusion_matrix,
         run_name=run.run.info.run_name,
         test_size=len(test.labels),
-        weights="best checkpoint" if tested_best else "final weights",
+        weights=weights,
     )
     record.record_figures(run, figures)
     log.info("pictures drawn and logged in %.1f s", time.perf_counter() - start)

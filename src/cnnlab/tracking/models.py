@@ -83,5 +83,9 @@ def register_best(client: MlflowClient, run_id: str, name: str) -> tuple[str, st
         )
     mlflow.set_tracking_uri(client.tracking_uri)
     version = mlflow.register_model(run.data.tags[MODEL_TAG], name)
-    client.set_registered_model_alias(name, BEST_ALIAS, version.version)
+    try:
+        client.set_registered_model_alias(name, BEST_ALIAS, version.version)
+    except BaseException:  # a version no alias points at would only mislead: take it back
+        client.delete_model_version(name, version.version)
+        raise
     return f"models:/{name}@{BEST_ALIAS}", str(version.version)

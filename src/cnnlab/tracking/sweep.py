@@ -38,7 +38,7 @@ from cnnlab.checks import ConfigError, fail, one_line, redact_uri
 from cnnlab.config import REPO_ROOT, SweepConfig, to_settings
 from cnnlab.tracking import identity, retry
 from cnnlab.tracking.continuation import SUPERSEDED_TAG, Action, Continuation, Decision, decide
-from cnnlab.tracking.groups import log_group_table
+from cnnlab.tracking.groups import SCORE, log_group_table
 from cnnlab.tracking.models import best_run_of, register_best
 from cnnlab.tracking.runs import (
     MAX_TAG_CHARS,
@@ -510,9 +510,6 @@ class SweepCallback(Callback):
         if self.client.get_run(self.parent_run_id).info.status == "RUNNING":
             self.client.set_terminated(self.parent_run_id, status)
         atexit.unregister(self._interrupted)
-
-
-SCORE = "metrics.val/acc_best"  # what a sweep compares: the tested checkpoint's accuracy
 
 
 @dataclass(frozen=True)

@@ -54,3 +54,8 @@ def starts_by_multiprocessing(strategy: Strategy) -> bool:
 def is_compiled(module: nn.Module) -> bool:
     """``module.compile()`` has run on it (torch keeps the compiled forward there)."""
     return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def drop_compiled(module: nn.Module) -> None:
+    """Undo ``module.compile()``: calls go to the plain forward again (torch.export traces it)."""
+    module._compiled_call_impl = None

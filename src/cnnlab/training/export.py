@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from cnnlab.data import ImageDataModule
+from cnnlab.training import compat
 
 EXAMPLE_IMAGES = 2  # > 1, so torch.export keeps the batch dimension dynamic
 
@@ -34,6 +35,8 @@ def servable(net: nn.Module, datamodule: ImageDataModule) -> tuple[Servable, Ten
     """A CPU copy of ``net`` ready to serve, in eval mode, and an input example: the first
     test images as float32 pixel values."""
     info = datamodule.info
+    if compat.is_compiled(net):  # perf.compile: torch.export traces the plain forward
+        compat.drop_compiled(net)
     model = Servable(net, info.mean, info.std).cpu().eval()
     model.net.to(memory_format=torch.contiguous_format)  # as a user's batch arrives
     example = datamodule.test_set.images[:EXAMPLE_IMAGES].float()
