@@ -5,9 +5,11 @@ imported, and predicting what the run's test measured."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
@@ -57,10 +59,15 @@ def images_tested(cfg) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_a_logged_model_loads_without_cnnlab_and_predicts_what_the_test_measured(
-    small_cfg, tracking_uri: str, tmp_path: Path
+    small_cfg, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = small_cfg(["logger.log_model=true"])
     train.run(cfg)
+    # MLflow's fluent API was pointed at the run's store only while it logged the model:
+    # the process's store follows its environment again, and no experiment is left set.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/other.db"
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ
     _, run = only_run(tracking_uri)
     uri = f"runs:/{run.info.run_id}/model"
     assert run.data.tags[MODEL_TAG] == uri

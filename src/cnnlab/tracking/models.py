@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from cnnlab.checks import ConfigError
 from cnnlab.tracking.continuation import REUSED_TAG
+from cnnlab.tracking.fluent import fluent_store
 from cnnlab.tracking.runs import TrackedRun
 
 log = logging.getLogger("cnnlab")
@@ -41,17 +42,16 @@ def log_model(run: TrackedRun, model: nn.Module, example: Tensor) -> str:
     signature = infer_signature(example.numpy(), output.numpy())
     # MLflow's fluent API logs the model; its store and experiment must be the run's (it
     # would put the model in the default experiment, given only the run's id).
-    mlflow.set_tracking_uri(run.client.tracking_uri)
-    mlflow.set_experiment(experiment_id=run.run.info.experiment_id)
-    mlflow.pytorch.log_model(
-        model,
-        name=MODEL_ARTIFACT,
-        run_id=run.run_id,
-        signature=signature,
-        input_example=example.numpy(),
-        serialization_format="pt2",
-        pip_requirements=requirements(),
-    )
+    with fluent_store(run.client.tracking_uri, run.run.info.experiment_id):
+        mlflow.pytorch.log_model(
+            model,
+            name=MODEL_ARTIFACT,
+            run_id=run.run_id,
+            signature=signature,
+            input_example=example.numpy(),
+            serialization_format="pt2",
+            pip_requirements=requirements(),
+        )
     uri = f"runs:/{run.run_id}/{MODEL_ARTIFACT}"
     run.client.set_tag(run.run_id, MODEL_TAG, uri)
     log.info("model logged as %s in %.1f s", uri, time.perf_counter() - start)
@@ -81,8 +81,8 @@ def register_best(client: MlflowClient, run_id: str, name: str) -> tuple[str, st
             "logged model: it was trained by an earlier start without sweep.register_best or "
             "logger.log_model; train it again (sweep.reuse=false, a new sweep) to register it"
         )
-    mlflow.set_tracking_uri(client.tracking_uri)
-    version = mlflow.register_model(run.data.tags[MODEL_TAG], name)
+    with fluent_store(client.tracking_uri):
+        version = mlflow.register_model(run.data.tags[MODEL_TAG], name)
     try:
         client.set_registered_model_alias(name, BEST_ALIAS, version.version)
     except BaseException:  # a version no alias points at would only mislead: take it back

@@ -38,6 +38,7 @@ from cnnlab.checks import ConfigError, fail, one_line, redact_uri
 from cnnlab.config import REPO_ROOT, SweepConfig, to_settings
 from cnnlab.tracking import identity, retry
 from cnnlab.tracking.continuation import SUPERSEDED_TAG, Action, Continuation, Decision, decide
+from cnnlab.tracking.fluent import fluent_store
 from cnnlab.tracking.groups import SCORE, log_group_table
 from cnnlab.tracking.models import best_run_of, register_best
 from cnnlab.tracking.runs import (
@@ -162,10 +163,8 @@ def job_context_of(
 def children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
     """The parent's child runs as ``mlflow.search_runs`` frames them, oldest first, from
     ``client``'s store; the caller's global tracking URI is left as it was."""
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(client.tracking_uri)
     retry_s, where = retry.bound_of(client)
-    try:
+    with fluent_store(client.tracking_uri):
         frame = retry.call(
             mlflow.search_runs,
             [experiment_id],
@@ -174,8 +173,6 @@ def children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str)
             retry_s=retry_s,
             where=where,
         )
-    finally:
-        mlflow.set_tracking_uri(previous)
     superseded = f"tags.{SUPERSEDED_TAG}"  # a job run again counts once, as its newest child
     return frame[frame[superseded].isna()] if superseded in frame else frame
 
