@@ -16,9 +16,14 @@ SERVER_STORE ?= sqlite:///$(MLFLOW_DB)
 SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5001
 NOTEBOOK_PORT ?= 8888
+# Test processes (pytest-xdist): one per core; TEST_WORKERS=0 runs the tests in one process.
+# A file's tests share one worker, so what a module sets up once (a trained run, the Slurm
+# cluster) is set up once.
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep eval report summary notebook test test-all lint format ui server bench bench-data bench-train bench-report clean
+.PHONY: help install train sweep eval report summary notebook test test-slow test-all lint format ui server bench bench-data bench-train bench-report clean
 
 # Target names in colour on a terminal only: piped or logged, the help is plain text.
 help: ## Show this help
@@ -56,11 +61,14 @@ notebook: install ## JupyterLab on notebooks/ at 127.0.0.1:8888 (NOTEBOOK_PORT=8
 	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --port $(NOTEBOOK_PORT) --no-browser \
 		--notebook-dir notebooks --ServerApp.port_retries=0 $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
-test: install ## Run the fast test suite
-	$(PY) -m pytest -m "not slow" $(ARGS)
+test: install ## Run the fast test suite, on every core (TEST_WORKERS=0: in one process)
+	$(PYTEST) -m "not slow" $(ARGS)
+
+test-slow: install ## Run the slow tier: sweeps, DDP, Slurm, servers, the browser
+	$(PYTEST) -m slow $(ARGS)
 
 test-all: install ## Run every test, slow ones included
-	$(PY) -m pytest $(ARGS)
+	$(PYTEST) $(ARGS)
 
 lint: install ## Check style with ruff
 	$(VENV)/bin/ruff check src tests bench notebooks

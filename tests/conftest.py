@@ -163,6 +163,15 @@ def cnnlab_train(*overrides: str, env: dict[str, str] | None = None, host: str |
     return run_cli(*command, env=env)
 
 
+def read_only(folder: Path, *command: str) -> list[str]:
+    """``command`` in a mount namespace of its own where ``folder`` is a read-only mount (as
+    root ignores file modes, a mode would prove nothing here)."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare (util-linux) for a read-only bind mount")
+    mount = f"mount --bind -o ro {folder} {folder}"
+    return ["unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', "sh", *command]
+
+
 def run_sweep(
     tmp_path: Path,
     *overrides: str,

@@ -4,8 +4,12 @@ a real sqlite store; the result is a new run nested under the trained one."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,8 @@ import torch
 from mlflow import MlflowClient
 
 from cnnlab.training.classifier import Classifier
-from tests.conftest import SMALL, cnnlab_train, run_cli, write_mnist
+from tests.conftest import REPO, SMALL, cnnlab_train, read_only, run_cli, write_mnist
+from tests.servers import free_port
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +114,48 @@ def test_eval_of_a_checkpoint_file_finds_the_run_that_saved_it(trained):
     assert alone.info.run_name == "eval-model" and alone.info.status == "FINISHED"
 
 
+@pytest.mark.slow
+def test_an_evaluation_killed_mid_test_is_marked_killed_by_the_next_one(trained):
+    """SIGKILL while the test set is being tested (one image a batch, so it takes a while):
+    the evaluation's run is left RUNNING by a dead process; the next evaluation marks it
+    KILLED and records its own, and the trained run is untouched."""
+    folder, env, client, run, *_ = trained
+    before = client.get_run(run.info.run_id).data
+    command = [sys.executable, "-m", "cnnlab.eval", f"run={run.info.run_id}", "data.source=bundled",
+               "data.eval_batch_size=1", f"paths.log_dir={folder}"]  # fmt: skip
+    evaluating = subprocess.Popen(
+        command, cwd=REPO, env={**os.environ, **env}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while not _testing(client, run.info.run_id) and evaluating.poll() is None:
+            assert time.monotonic() < deadline, "the evaluation never started testing"
+            time.sleep(0.1)
+    finally:
+        os.killpg(evaluating.pid, signal.SIGKILL)
+        evaluating.wait(timeout=60)
+    [killed] = [r for r in evaluations(client, run.info.run_id) if r.info.status == "RUNNING"]
+    again = cnnlab_eval(folder, env, f"run={run.info.run_id}", "trainer.limit_test_batches=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    newest = max(evaluations(client, run.info.run_id), key=lambda r: r.info.start_time)
+    assert newest.info.status == "FINISHED" and newest.info.run_id != killed.info.run_id
+    after = client.get_run(run.info.run_id).data
+    assert (after.metrics, after.params, after.tags) == (before.metrics, before.params, before.tags)
+
+
+def _testing(client: MlflowClient, run_id: str) -> bool:
+    """An evaluation of ``run_id`` is RUNNING with its config logged: it is in the test."""
+    for evaluation in evaluations(client, run_id):
+        if evaluation.info.status != "RUNNING":
+            continue
+        artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id)}
+        if "config.yaml" in artifacts:
+            return True
+    return False
+
+
 def test_a_checkpoint_rebuilds_its_model_alone(trained):
     """Lightning's own loader, from the file alone: the model's knobs are plain data in the
     checkpoint's hyperparameters, and it loads with weights_only."""
@@ -157,10 +204,34 @@ def test_bad_eval_input_is_one_line_exit_2_and_records_nothing(trained, args, me
     assert len(client.search_runs([experiment])) == runs_before
 
 
+def test_eval_on_a_read_only_store_or_a_dead_server_is_one_line(trained, tmp_path: Path):
+    """The store is checked before anything is recorded: a sqlite store in a read-only folder
+    (a read-only mount) is left byte for byte; a server that does not answer is named."""
+    folder, _, _, run, *_ = trained
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(folder / "mlflow.db", store / "mlflow.db")
+    before = (store / "mlflow.db").read_bytes()
+    command = [sys.executable, "-m", "cnnlab.eval", f"run={run.info.run_id}",
+               f"paths.log_dir={tmp_path}/logs"]  # fmt: skip
+    dead = f"http://127.0.0.1:{free_port()}"
+    cases = [
+        (read_only(store, *command), f"sqlite:///{store}/mlflow.db", "(Read-only file system)"),
+        (command, dead, f"logger.tracking_uri={dead}: the tracking server does not answer"),
+    ]
+    for argv, uri, message in cases:
+        result = run_cli(*argv, env={"MLFLOW_TRACKING_URI": uri})
+        assert result.returncode == 2, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("cnnlab: error")]
+        assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+    assert (store / "mlflow.db").read_bytes() == before
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("run=0123abc",), "there is no store at {missing}"),
+        (("run=0123abc",), "run=0123abc: no MLflow store at {missing}"),
         (("ckpt=/nothing.ckpt",), "ckpt=/nothing.ckpt: no such file"),
         (("run=0123abc", "model.head=gap"), "model.head=gap: an evaluation tests the model"),
     ],

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -22,9 +21,10 @@ from mlflow.entities import Metric
 from cnnlab import train
 from cnnlab.checks import ConfigError
 from cnnlab.tracking import retry
+from cnnlab.tracking.liveness import end_dead_runs, process_tags
 from cnnlab.tracking.logger import UNSENT_FILE, send_unsent
-from cnnlab.tracking.runs import connect, end_dead_runs, process_tags
-from tests.conftest import REPO, cnnlab_train, only_run, run_cli, run_sweep
+from cnnlab.tracking.store import connect
+from tests.conftest import REPO, cnnlab_train, only_run, read_only, run_cli, run_sweep
 from tests.servers import MakeServer
 
 
@@ -446,15 +446,6 @@ def test_the_next_sweep_marks_a_dead_sweep_killed(tmp_path: Path) -> None:
     assert 'report: make report ARGS="--parent ' in result.stdout
 
 
-def _read_only(folder: Path, *command: str) -> list[str]:
-    """``command`` in a mount namespace of its own where ``folder`` is a read-only mount (as
-    root ignores file modes, a mode would prove nothing here)."""
-    if shutil.which("unshare") is None or os.geteuid() != 0:
-        pytest.skip("needs root and unshare (util-linux) for a read-only bind mount")
-    mount = f"mount --bind -o ro {folder} {folder}"
-    return ["unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', "sh", *command]
-
-
 @pytest.mark.parametrize("existing", [False, True], ids=["new store", "existing store"])
 def test_a_store_in_a_read_only_folder_is_one_line_before_any_run(
     tmp_path: Path, existing: bool
@@ -467,7 +458,7 @@ def test_a_store_in_a_read_only_folder_is_one_line_before_any_run(
     before = store.read_bytes() if existing else None
     for sweep in ([], ["-m", "seed=0,1"]):
         result = run_cli(
-            *_read_only(folder, *_command(*sweep, f"paths.log_dir={tmp_path}/logs")),
+            *read_only(folder, *_command(*sweep, f"paths.log_dir={tmp_path}/logs")),
             env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}", "MLFLOW_EXPERIMENT_NAME": "tests"},
         )
         assert result.returncode == 2, result.stderr[-3000:]

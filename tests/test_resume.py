@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 
 from cnnlab import train
 from cnnlab.checks import ConfigError
+from cnnlab.tracking.liveness import slurm_restarted
 from cnnlab.tracking.resume import (
     CHECKPOINT_TAG,
     config_differences,
@@ -24,7 +25,6 @@ from cnnlab.tracking.resume import (
     requeued,
     run_id_in,
 )
-from cnnlab.tracking.runs import slurm_restarted
 from tests.conftest import REPO, only_run
 
 

@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cnnlab.tracking.groups import GROUPS_TABLE, log_group_table
-from cnnlab.tracking.sweep import SWEEP_FILE, effective_grid, factors_of, job_context
+from cnnlab.tracking.jobs import SWEEP_FILE, effective_grid, factors_of, job_context
 from tests.conftest import REPO, cnnlab_train, run_sweep
 
 GRID = {"model.pooling": "max,avg,lp,gem,mixed,stride", "seed": "0,1,2"}

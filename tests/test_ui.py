@@ -42,7 +42,7 @@ def test_make_ui_serves_the_store_on_loopback_only(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        runs, deadline = [], time.monotonic() + 90
+        runs, deadline = [], time.monotonic() + 300
         while not runs and time.monotonic() < deadline:
             try:
                 runs = search_runs(port)

@@ -38,7 +38,8 @@ from cnnlab.data import DATASETS, ImageDataModule, dataset_info
 from cnnlab.data.inputs import dataset_inputs
 from cnnlab.launch.runtime import Runtime
 from cnnlab.models import InputSpec
-from cnnlab.tracking.runs import run_link, sqlite_file
+from cnnlab.tracking.runs import run_link
+from cnnlab.tracking.store import require_store
 from cnnlab.tracking.trained import EVAL_ROLE, Trained, check_file, find_trained
 from cnnlab.training.classifier import Classifier, describing
 from cnnlab.training.job import build_trainer, split_sizes
@@ -99,12 +100,11 @@ def check_request(cfg: DictConfig, overrides: list[str]) -> None:
 
 def connect(cfg: DictConfig) -> MlflowClient:
     """The store, which must exist already when a run is named (nothing is created)."""
-    database = sqlite_file(cfg.logger.tracking_uri)
-    if cfg.run and database is not None and not database.exists():
-        raise ConfigError(
-            f"run={cfg.run}: there is no store at {database} (logger.tracking_uri or "
-            "MLFLOW_TRACKING_URI names the store the run was recorded in)"
-        )
+    if cfg.run:
+        require_store(
+            cfg.logger.tracking_uri, f"run={cfg.run}",
+            "point logger.tracking_uri (MLFLOW_TRACKING_URI) at the store it was recorded in",
+        )  # fmt: skip
     return tracking.connect(cfg.logger.tracking_uri, cfg.logger.retry_s)
 
 
@@ -126,11 +126,9 @@ def settings_to_test(cfg: DictConfig, overrides: list[str], trained: Trained) ->
 
 
 def _settings_to_test(cfg: DictConfig, overrides: list[str], trained: Trained) -> DictConfig:
-    fields = [field.name for field in dataclasses.fields(config.TrainConfig)]
-    own = OmegaConf.masked_copy(cfg, fields)
-    tested = OmegaConf.merge(OmegaConf.structured(config.TrainConfig), own)
+    schema = OmegaConf.structured(config.TrainConfig)
     if trained.config is not None:
-        tested = OmegaConf.merge(OmegaConf.structured(config.TrainConfig), trained.config)
+        tested = OmegaConf.merge(schema, trained.config)
         # The whole test set, unless this command limits it (training's limits were its own).
         tested.trainer.update(limit_test_batches=None, fast_dev_run=False)
         apply_changes(tested, cfg, overrides)
@@ -141,7 +139,8 @@ def _settings_to_test(cfg: DictConfig, overrides: list[str], trained: Trained) -
                 f"ckpt={trained.checkpoint} does not hold its model's settings (saved by an "
                 "older cnnlab) and no run of this store saved it; valid: run=<the run's id>"
             )
-        tested = OmegaConf.merge(tested, {"model": described})
+        own = OmegaConf.masked_copy(cfg, [f.name for f in dataclasses.fields(config.TrainConfig)])
+        tested = OmegaConf.merge(schema, own, {"model": described})
     tested.logger, tested.paths = cfg.logger, cfg.paths
     # One device: a DistributedSampler would pad the test set, counting images twice.
     tested.trainer.update(devices=1, num_nodes=1, strategy="auto")
@@ -165,8 +164,7 @@ def check_shape(wanted: InputSpec, data_name: str) -> None:
     Raises:
         ConfigError: naming both shapes and the datasets that fit.
     """
-    info = dataset_info(data_name)
-    given = InputSpec(info.channels, info.size, info.classes)
+    given = spec_of(data_name)
     if given != wanted:
         fitting = [name for name in DATASETS if spec_of(name) == wanted]
         raise ConfigError(
@@ -176,8 +174,7 @@ def check_shape(wanted: InputSpec, data_name: str) -> None:
 
 
 def spec_of(data_name: str) -> InputSpec:
-    info = dataset_info(data_name)
-    return InputSpec(info.channels, info.size, info.classes)
+    return InputSpec.of(dataset_info(data_name))
 
 
 def shape(spec: InputSpec) -> str:
@@ -266,6 +263,7 @@ def record_evaluation(
     trained, datamodule = evaluation.trained, evaluation.datamodule
     base = f"eval-{trained.run.info.run_name if trained.run else trained.checkpoint.stem}"
     experiment_id = experiment_of(client, evaluation)
+    tracking.end_dead_runs(client, experiment_id)  # an evaluation killed outright (SIGKILL)
     name = tracking.unique_run_name(client, experiment_id, base)
     tracked = tracking.TrackedRun(
         client, experiment_id, name, eval_tags(evaluation, runtime.overrides)

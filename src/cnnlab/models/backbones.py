@@ -7,6 +7,7 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -25,6 +26,12 @@ class InputSpec:
     channels: int
     size: int
     classes: int
+
+    @classmethod
+    def of(cls, dataset: Any) -> InputSpec:
+        """What ``dataset`` gives: anything with ``channels``, ``size`` and ``classes`` (a
+        :class:`cnnlab.data.DatasetInfo`; models do not import the data package)."""
+        return cls(dataset.channels, dataset.size, dataset.classes)
 
 
 @dataclass(frozen=True)

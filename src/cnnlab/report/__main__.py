@@ -12,7 +12,7 @@ from pathlib import Path
 from cnnlab import config
 from cnnlab.cli import user_errors
 from cnnlab.report.build import build_report
-from cnnlab.tracking.runs import connect, sqlite_file
+from cnnlab.tracking.store import connect, require_store
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,9 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-attach", action="store_true", help="do not log it to the parent run")
     args = parser.parse_args(argv)
     with user_errors():
-        store = sqlite_file(args.tracking_uri)
-        if store is not None and not store.exists():
-            raise config.ConfigError(f"no MLflow store at {store}: run a sweep first")
+        require_store(args.tracking_uri, "cnnlab.report", "run a sweep first")
         page = build_report(
             connect(args.tracking_uri),
             args.experiment,

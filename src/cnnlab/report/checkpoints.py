@@ -31,7 +31,7 @@ def load_run_model(client: MlflowClient, run_id: str) -> tuple[Net, DatasetInfo]
     schema = OmegaConf.structured(ModelConfig)
     model = OmegaConf.to_object(OmegaConf.merge(schema, cfg.model))
     info = dataset_info(cfg.data.name)
-    net = build_model(model, InputSpec(info.channels, info.size, info.classes))
+    net = build_model(model, InputSpec.of(info))
     weights = {
         key.removeprefix("net."): value
         for key, value in state["state_dict"].items()

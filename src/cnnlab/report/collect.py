@@ -16,8 +16,9 @@ from mlflow.entities import Run
 from cnnlab.checks import ConfigError
 from cnnlab.tracking.continuation import REUSED_TAG
 from cnnlab.tracking.identity import CODE_TAG, GROUP_TAG, HASH_TAG
-from cnnlab.tracking.runs import end_dead_runs
-from cnnlab.tracking.sweep import NOT_A_FACTOR, PARENT_ROLE, children_frame, is_sweep_parent
+from cnnlab.tracking.jobs import NOT_A_FACTOR
+from cnnlab.tracking.liveness import end_dead_runs
+from cnnlab.tracking.parents import PARENT_ROLE, children_frame, is_sweep_parent
 
 # What a report compares per job, as MLflow columns -> short names.
 METRICS = {

@@ -17,8 +17,8 @@ from mlflow.entities import Run
 
 from cnnlab.checks import ConfigError
 from cnnlab.tracking.identity import HASH_TAG
+from cnnlab.tracking.liveness import died_here
 from cnnlab.tracking.resume import Target, find_target
-from cnnlab.tracking.runs import died_here
 
 # On a child whose job has a newer child in the parent (a FAILED one run again, one of an
 # earlier setting or code): the run that took its place (record.supersede_earlier).

@@ -20,16 +20,10 @@ from mlflow.entities import Run
 from cnnlab import config
 from cnnlab.checks import redact_uri
 from cnnlab.tracking.continuation import REUSED_TAG, SUPERSEDED_TAG
+from cnnlab.tracking.liveness import process_tags
 from cnnlab.tracking.logger import UNSENT_FILE, send_unsent
 from cnnlab.tracking.resume import CHECKPOINT_TAG, OVERRIDES_TAG, Target, mark_died
-from cnnlab.tracking.runs import (
-    TrackedRun,
-    git_state,
-    package_versions,
-    process_tags,
-    run_link,
-    unique_run_name,
-)
+from cnnlab.tracking.runs import TrackedRun, git_state, package_versions, run_link, unique_run_name
 
 log = logging.getLogger("cnnlab")
 # The best checkpoint, as the run's artifact, and its score: what the report loads.

@@ -26,7 +26,8 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.checks import ConfigError, redact_uri
-from cnnlab.tracking.runs import flatten_params, process_alive, slurm_job_ended
+from cnnlab.tracking.liveness import process_alive, slurm_job_ended
+from cnnlab.tracking.runs import flatten_params
 
 log = logging.getLogger("cnnlab")
 

@@ -169,7 +169,7 @@ def build_module(
     settings: config.TrainConfig, info: DatasetInfo
 ) -> tuple[InputSpec, Net, Classifier]:
     """The input's shape, the net (every layer size checked) and the LightningModule."""
-    spec = InputSpec(info.channels, info.size, info.classes)
+    spec = InputSpec.of(info)
     net = build_model(settings.model, spec)
     scheduler = instantiate(settings.scheduler) if settings.scheduler else None
     module = Classifier(

@@ -73,7 +73,7 @@ def job_return(job: Any, overrides: list[str]) -> JobReturn:
     ``RESULT_GRACE_S`` (its result file, written as it ends, would be there by then)."""
     from submitit.core.utils import UncompletedJobError
 
-    from cnnlab.tracking.runs import slurm_job_ended
+    from cnnlab.tracking.liveness import slurm_job_ended
 
     gone_since = None
     while not job.done():
