@@ -38,6 +38,11 @@ class EpochBatchSampler:
     lists of ints per sample; this yields tensor slices. The permutation depends only on
     ``seed`` and the epoch, so every rank draws the same one and takes a disjoint share.
     Lightning calls ``set_epoch`` before each epoch.
+
+    The order is drawn on the CPU (the same on every device) and each rank's share copied
+    to ``device`` once an epoch, without waiting: indexing data on a GPU with a CPU index
+    copies the index there first, a copy that makes the CPU wait for the GPU, twice a batch
+    (images, labels).
     """
 
     def __init__(
@@ -51,14 +56,16 @@ class EpochBatchSampler:
         world_size: int = 1,
         drop_last: bool = False,
         resume_at: tuple[int, int] = (0, 0),
+        device: torch.device | None = None,
     ) -> None:
         """``resume_at``: (epoch, batches of it already trained) of a run resumed mid-epoch;
         the first pass over that epoch starts after them. Lightning may build the loader
         before it restores the epoch (to count the run's steps), so the epoch is compared
-        when the pass begins, after ``set_epoch``."""
+        when the pass begins, after ``set_epoch``. ``device``: where the indexed data lies
+        (None: the CPU)."""
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.epoch, self.resume_at = 0, resume_at
+        self.epoch, self.resume_at, self.device = 0, resume_at, device
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -84,6 +91,9 @@ class EpochBatchSampler:
         if padding:
             order = torch.cat([order, order[:padding]])
         shard = order[self.rank :: self.world_size]
+        if self.device is not None and self.device.type == "cuda":
+            shard = shard.pin_memory()  # copied from page-locked memory, the CPU goes on
+        shard = shard.to(self.device, non_blocking=True)
         resume_epoch, done = self.resume_at
         start = done if self.epoch == resume_epoch else 0
         self.resume_at = (0, 0)  # one pass only: the next epochs start at their beginning
@@ -108,6 +118,7 @@ class ImageDataModule(L.LightningDataModule):
         config = config or DataConfig()
         self.config = config
         self._on_device: dict[tuple[int, str], ImageSet] = {}
+        self._constants_on: dict[torch.device, tuple[Tensor, Tensor]] = {}  # of normalize
         self.info = dataset_info(config.name)
         self.name, self.root, self.source = config.name, config.root, config.source.value
         self.batch_size, self.eval_batch_size = config.batch_size, config.eval_batch_size
@@ -161,6 +172,10 @@ class ImageDataModule(L.LightningDataModule):
         rank, world = 0, 1
         if self.trainer is not None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        accelerated = device is not None and device.type != "cpu"
+        if accelerated and self.config.resident:
+            data = self._resident(data, device)
         sampler = EpochBatchSampler(
             len(data),
             batch_size,
@@ -169,11 +184,8 @@ class ImageDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             resume_at=resume_at,
+            device=data.images.device,  # the index where the data is: no copy per batch
         )
-        device = self.trainer.strategy.root_device if self.trainer is not None else None
-        accelerated = device is not None and device.type != "cpu"
-        if accelerated and self.config.resident:
-            data = self._resident(data, device)
         # Its own generator: a DataLoader draws a worker seed from the global one each time it
         # is iterated, which would shift the dropout masks of a run resumed mid-epoch.
         return DataLoader(
@@ -201,9 +213,15 @@ class ImageDataModule(L.LightningDataModule):
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 (or 0..255 float) images as the model reads them: per-channel standardized."""
-        scale = self._scale.to(images.device)
-        shift = self._shift.to(images.device)
+        scale, shift = self._constants(images.device)
         return torch.addcmul(shift, images.float(), scale)
+
+    def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``normalize``'s scale and shift on ``device``, copied there once: a copy a batch
+        would make the CPU wait for the GPU. float32, as the images are when normalized."""
+        if device not in self._constants_on:
+            self._constants_on[device] = (self._scale.to(device), self._shift.to(device))
+        return self._constants_on[device]
 
 
 def _subset(data: ImageSet, index: Tensor) -> ImageSet:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -18,10 +19,23 @@ from cnnlab.training import compat
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+# Steps whose losses wait on the device at most, where logging is rare or off
+# (log_every_n_steps=0) and epochs are long: a bound on what they hold.
+UNREAD_AT_MOST = 1000
 
 
 class NonFiniteLossError(ArithmeticError):
     """The training loss became NaN or infinite: the run stops and is recorded FAILED."""
+
+
+class UnreadStep(NamedTuple):
+    """A training step whose loss is still on the device, with what an error would name."""
+
+    loss: Tensor
+    step: int
+    epoch: int
+    batch: int
+    lr: float
 
 
 class Classifier(L.LightningModule):
@@ -68,6 +82,7 @@ class Classifier(L.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion_matrix: Tensor | None = None  # of the last test, all ranks summed
         self.memory_format = torch.contiguous_format  # of the net and its batches (perf.FastPath)
+        self._unread: list[UnreadStep] = []  # losses not checked yet (_stop_if_non_finite)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images.contiguous(memory_format=self.memory_format))
@@ -76,12 +91,9 @@ class Classifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
-        if self._non_finite(loss):  # stop now: every later step would train on garbage
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at step {self.global_step} (epoch "
-                f"{self.current_epoch}, batch {batch_idx}), learning rate {self._lr():.3g}; "
-                "lower optimizer.lr, or clip gradients with trainer.gradient_clip_val"
-            )
+        self._unread.append(
+            UnreadStep(loss.detach(), self.global_step, self.current_epoch, batch_idx, self._lr())
+        )
         if self._logs_this_step():
             accuracy = (logits.argmax(dim=1) == labels).float().mean()
             self.log("train/loss", loss, batch_size=len(labels))
@@ -98,16 +110,54 @@ class Classifier(L.LightningModule):
             return True
         return compat.should_update_logs(self.trainer)
 
-    def _non_finite(self, loss: Tensor) -> bool:
-        """NaN or infinite here or, under DDP, on any rank: all ranks stop together."""
-        bad = not torch.isfinite(loss).item()
-        if self._trainer is not None and self.trainer.world_size > 1:
-            return self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        return bad
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the optimizer step: where Lightning reads this step's logged values anyway.
+        if (
+            self._logs_this_step()
+            or self.trainer.is_last_batch
+            or len(self._unread) >= UNREAD_AT_MOST
+        ):
+            self._stop_if_non_finite()
+
+    def _stop_if_non_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` naming the first unread step whose loss was NaN
+        or infinite, here or under DDP on any rank: every rank reads at the same steps, the
+        same sum of all ranks' losses, so all stop together.
+
+        Reading a loss makes the CPU wait for the device, which then idles while Python
+        prepares the next step. So the losses wait on the device and are read together, in
+        one transfer, only at the end of the steps that log (where Lightning reads the
+        logged values anyway), of an epoch's last batch, before validation, before any
+        checkpoint and at the end of training (and every ``UNREAD_AT_MOST`` steps): a run
+        stops within ``trainer.log_every_n_steps`` steps of its loss going bad, and no
+        checkpoint keeps weights trained on it.
+        """
+        unread, self._unread = self._unread, []
+        if not unread:  # the same on every rank: they take the same steps
+            return
+        losses = torch.stack([step.loss for step in unread]).float()
+        if self._trainer is not None:  # a sum is NaN or infinite when one of its terms is
+            losses = self.trainer.strategy.reduce(losses, reduce_op="sum")
+        for step, loss in zip(unread, losses.tolist(), strict=True):
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"training loss is {loss} at step {step.step} (epoch {step.epoch}, batch "
+                    f"{step.batch}), learning rate {step.lr:.3g}; lower optimizer.lr, or clip "
+                    "gradients with trainer.gradient_clip_val"
+                )
 
     def _lr(self) -> float:
         optimizers = self.trainer.optimizers if self._trainer is not None else []
         return optimizers[0].param_groups[0]["lr"] if optimizers else float("nan")
+
+    def on_validation_start(self) -> None:
+        self._stop_if_non_finite()  # a checkpoint may follow (val_check_interval < 1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._stop_if_non_finite()  # any checkpoint: every_n_train_steps, an interruption
+
+    def on_train_end(self) -> None:
+        self._stop_if_non_finite()  # the steps after the last read (a stop at max_steps)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc)
@@ -140,6 +190,7 @@ class Classifier(L.LightningModule):
         """A run resumed to train longer (a larger ``trainer.max_epochs``) restored a schedule
         planned for its first length, which OneCycleLR refuses to step past: plan it again
         for the whole new length, at the step the run has reached."""
+        self._unread = []  # left by a fit of this module that was interrupted
         planned = int(self.trainer.estimated_stepping_batches)
         for scheduler_config in self.trainer.lr_scheduler_configs:
             restored = scheduler_config.scheduler
