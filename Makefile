@@ -78,12 +78,16 @@ format: install ## Format and fix with ruff
 	$(VENV)/bin/ruff format src tests bench notebooks
 	$(VENV)/bin/ruff check --fix src tests bench notebooks
 
+# MLflow 3's server also starts job workers (huey consumers, three more processes importing
+# MLflow) for GenAI jobs that cnnlab never submits: off unless the environment turns them on.
+MLFLOW_JOBS := MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
+
 ui: install ## Serve the MLflow UI for this store on 127.0.0.1:5000
-	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(MLFLOW_DB)}" \
+	$(MLFLOW_JOBS) $(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(MLFLOW_DB)}" \
 		--default-artifact-root "$(MLFLOW_ARTIFACTS)" --host $(UI_HOST) --port $(UI_PORT)
 
 server: install ## MLflow tracking server for parallel and remote jobs (127.0.0.1:5001)
-	$(VENV)/bin/mlflow server --backend-store-uri "$(SERVER_STORE)" \
+	$(MLFLOW_JOBS) $(VENV)/bin/mlflow server --backend-store-uri "$(SERVER_STORE)" \
 		--artifacts-destination "$(MLFLOW_ARTIFACTS)" --host $(SERVER_HOST) --port $(SERVER_PORT)
 
 bench-data: install ## Data path vs the classic torchvision pipeline (bench/results/data.json)

@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 
 import cnnlab.data.sources
 from cnnlab import compose, config
+from tests import forked
 
 REPO = config.REPO_ROOT
 FIXTURE_TRAIN, FIXTURE_TEST = 600, 200
@@ -104,6 +106,14 @@ def perf_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["CNNLAB_CACHE"] = str(tmp_path_factory.mktemp("cnnlab-cache"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fork_server(perf_cache: None) -> Iterator[None]:
+    """The fork server of tests/forked.py (started at the first command) ends with the
+    session; it starts after perf_cache, whose setting its commands inherit."""
+    yield
+    forked.stop()
+
+
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_mnist(tmp_path_factory.mktemp("mnist"))
@@ -143,12 +153,21 @@ def small_cfg(tmp_path: Path, tracking_uri: str):
 
 
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd: Path = REPO
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    cwd: Path = REPO,
+    fresh: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run a command as a user would, in a clean environment plus ``env``."""
+    """Run a command as a user would, in this environment plus ``env``. ``python -m`` of a
+    cnnlab command runs forked from a process that has imported cnnlab (tests/forked.py),
+    unless ``fresh``: a test of the interpreter's start itself."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    command = list(args)
+    if not fresh and command[:2] == [sys.executable, "-m"] and command[2] in forked.MODULES:
+        return forked.run_module(command[2:], cwd, full_env, timeout)
     return subprocess.run(
-        list(args), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
 
 

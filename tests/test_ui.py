@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 from mlflow import MlflowClient
 
 from tests.conftest import REPO
@@ -50,6 +51,9 @@ def test_make_ui_serves_the_store_on_loopback_only(tmp_path: Path) -> None:
                 time.sleep(1)
         assert [r["info"]["run_name"] for r in runs] == ["lenet5-bn-max-fc-s0"]
         assert_loopback_only(port)
+        # MLflow's GenAI job workers are not started (make ui turns job execution off)
+        processes = psutil.Process(server.pid).children(recursive=True)
+        assert not [p for p in processes if "huey" in " ".join(p.cmdline())]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
