@@ -29,9 +29,9 @@ from cnnlab.tracking.continuation import (
 from cnnlab.tracking.identity import HASH_TAG
 from cnnlab.tracking.parents import children_frame
 from cnnlab.tracking.record import new_run
-from tests.conftest import REPO, cnnlab_train, compose_train, only_run, run_cli
+from tests.conftest import REPO, cnnlab_train, compose_train, only_run, read_only, run_cli
 from tests.servers import MakeServer
-from tests.test_faults import _command, _hold_lock, _read_only, _wait_for
+from tests.test_faults import _command, _hold_lock, _wait_for
 
 # Each changes what a run measures: each gives another identity.
 DECIDING = [
@@ -333,9 +333,9 @@ def test_a_sweep_to_continue_in_a_read_only_or_unreachable_store_is_one_line(
     store = tmp_path / "mlflow.db"
     before = store.read_bytes()
     again = ["-m", "seed=0", "sweep.resume=latest", f"paths.log_dir={tmp_path}-logs"]
-    read_only = run_cli(*_read_only(tmp_path, *_command(*again)), env=_env(tmp_path))
-    errors = _error_lines(read_only)
-    assert read_only.returncode == 2 and len(errors) == 1, read_only.stderr[-3000:]
+    refused = run_cli(*read_only(tmp_path, *_command(*again)), env=_env(tmp_path))
+    errors = _error_lines(refused)
+    assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-3000:]
     assert "is not writable (Read-only file system)" in errors[0]
     assert store.read_bytes() == before
     with socket.socket() as closed:  # a port nobody listens on: a server that is gone
