@@ -43,6 +43,8 @@ for line in requests:
             os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
         module, *args = request["argv"]
         sys.argv = [module, *args]
+        # As under python -m, the module to run is not imported yet (else runpy warns)
+        sys.modules.pop(module, None); sys.modules.pop(f"{module}.__main__", None)
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         except SystemExit:
