@@ -157,14 +157,13 @@ def run_cli(
     env: dict[str, str] | None = None,
     timeout: float = 300,
     cwd: Path = REPO,
-    fresh: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run a command as a user would, in this environment plus ``env``. ``python -m`` of a
-    cnnlab command runs forked from a process that has imported cnnlab (tests/forked.py),
-    unless ``fresh``: a test of the interpreter's start itself."""
+    cnnlab command runs forked from a process that has imported cnnlab (tests/forked.py);
+    the tests of the interpreter's start itself run other commands (make, console scripts)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     command = list(args)
-    if not fresh and command[:2] == [sys.executable, "-m"] and command[2] in forked.MODULES:
+    if command[:2] == [sys.executable, "-m"] and command[2] in forked.MODULES:
         return forked.run_module(command[2:], cwd, full_env, timeout)
     return subprocess.run(
         command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout

@@ -18,16 +18,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-# The commands a fork serves (each is imported once, before any fork).
-MODULES = ("cnnlab.train", "cnnlab.eval", "cnnlab.summary", "cnnlab.report")
+# What the server imports before any fork: the commands a fork serves (a package's
+# __main__ is what ``python -m package`` runs).
+PRELOAD = ("cnnlab.train", "cnnlab.eval", "cnnlab.summary", "cnnlab.report.__main__")
+MODULES = tuple(name.removesuffix(".__main__") for name in PRELOAD)
 
 # The server: reads one request a line ({argv, cwd, env, out, err}), forks, answers with the
 # child's pid, waits for it and answers with its exit status. The child never returns into
 # the loop: it ends as ``python -m`` ends (SystemExit through the interpreter's shutdown).
 SERVER = r"""
-import json, os, runpy, sys, traceback
+import importlib, json, os, runpy, signal, sys, traceback
 requests, answers = os.fdopen(int(sys.argv[1]), "r"), os.fdopen(int(sys.argv[2]), "w")
-import cnnlab.train, cnnlab.eval, cnnlab.summary, cnnlab.report.__main__
+for name in sys.argv[3:]:
+    importlib.import_module(name)
 answers.write("ready\n"); answers.flush()
 for line in requests:
     request = json.loads(line)
@@ -37,10 +40,11 @@ for line in requests:
         os.setpgid(0, 0)
         os.chdir(request["cwd"])
         os.environ.clear(); os.environ.update(request["env"])
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        for fd, path in ((1, request["out"]), (2, request["err"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY),
+                                (2, request["err"], os.O_WRONLY)):
+            opened = os.open(path, flags)
+            os.dup2(opened, fd)
+            os.close(opened)
         module, *args = request["argv"]
         sys.argv = [module, *args]
         # As under python -m, the module to run is not imported yet (else runpy warns)
@@ -49,8 +53,12 @@ for line in requests:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         except SystemExit:
             raise
-        except BaseException:
-            traceback.print_exc()  # what the interpreter prints for an uncaught exception
+        except BaseException as error:  # as the interpreter ends on an uncaught exception
+            traceback.print_exc()
+            if isinstance(error, KeyboardInterrupt):  # killed by the SIGINT, as Python is
+                sys.stderr.flush()
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGINT)
             sys.exit(1)
         sys.exit(0)
     answers.write(f"{pid}\n"); answers.flush()
@@ -66,7 +74,7 @@ class ForkServer:
         request_read, self._requests = os.pipe()
         self._answers, answer_write = os.pipe()
         self.process = subprocess.Popen(
-            [sys.executable, "-c", SERVER, str(request_read), str(answer_write)],
+            [sys.executable, "-c", SERVER, str(request_read), str(answer_write), *PRELOAD],
             pass_fds=(request_read, answer_write),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
