@@ -38,12 +38,12 @@ CASES = [
     ("trainer.max_epochs=0", "the run trains no step; valid: max_epochs >= 1 or max_steps >= 1"),
     # keys appended to a typed group, which nothing would read
     ("+model.foo=1", "unknown setting model.foo; valid in model: activation, batchnorm, channels"),
-    ("+data.bar=2", "unknown setting data.bar; valid in data: augment, batch_size, download"),
+    ("+data.bar=2", "unknown setting data.bar; valid in data: augment, batch_size, crop_fill"),
     ("+logger.x=1", "unknown setting logger.x; valid in logger: artifact_location, experiment"),
     # unknown names in every registry
     ("model.name=resnet", "unknown backbone 'resnet'; valid: alexnet_small, cnn, lenet5, speedrun"),
     ("model.pooling=maxx", "unknown pooling 'maxx'; valid: avg, gem, lp, max, mixed, none"),
-    ("model.head=mlp", "unknown head 'mlp'; valid: fc, gap, nin"),
+    ("model.head=mlp", "unknown head 'mlp'; valid: fc, gap, max, nin"),
     ("model.activation=foo", "unknown activation 'foo'; valid: elu, gelu, leaky_relu, mish"),
     ("model.conv=foo", "unknown conv 'foo'; valid: depthwise_separable, grouped, standard"),
     ("data.name=svhn", "unknown dataset 'svhn'; valid: cifar10, cifar100, fashion_mnist, mnist"),

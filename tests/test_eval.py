@@ -32,7 +32,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     common = [*SMALL, f"data.root={root}", "data.source=torchvision", f"paths.log_dir={folder}"]
     for pooling in ("max", "avg"):
         assert cnnlab_train(*common, f"model.pooling={pooling}", env=env).returncode == 0
-    failed = cnnlab_train(*common, "optimizer.lr=1e12", "scheduler=null", env=env)
+    failed = cnnlab_train(*common, "optimizer.lr=1e12", "~scheduler", env=env)
     assert failed.returncode == 2, failed.stderr[-2000:]
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])

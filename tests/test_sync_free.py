@@ -257,7 +257,7 @@ def test_a_nan_loss_stops_the_run_within_log_every_n_steps_naming_its_first_step
         saving = [f"+callbacks.model_checkpoint.every_n_train_steps={save_every}",
                   "callbacks.model_checkpoint.monitor=null"]  # fmt: skip
     job = prepared(
-        small_cfg, mnist_root, "optimizer.lr=1e12", "scheduler=null",
+        small_cfg, mnist_root, "optimizer.lr=1e12", "~scheduler",
         f"trainer.log_every_n_steps={log_every}", *saving,
     )  # fmt: skip
     history, losses = loss_history()
@@ -337,3 +337,24 @@ def test_on_a_gpu_a_step_that_does_not_log_never_waits_for_it(
     # The first step copies normalize's constants to the GPU and tunes cuDNN: not counted.
     assert not any(counter.before[1:]), counter.before
     assert not any(c for s, c in enumerate(counter.during) if s and s not in checks)
+
+
+def test_the_speedrun_recipes_steps_read_nothing_off_the_device_either(
+    small_cfg, mnist_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """airbench's pieces (experiment=speedrun) in the step: the grouped optimizer, its
+    schedule, lookahead's pulls every 5 steps, the timer, the whitening's frozen filters and
+    the bias frozen after its epoch, drop_last; MNIST's files, so not its CIFAR crops."""
+    job = prepared(
+        small_cfg, mnist_root, "trainer.log_every_n_steps=1000", "model=speedrun",
+        "model.channels=[4,8,8]", "model.whiten_images=64", "model.whiten_bias_epochs=1",
+        "optimizer._target_=cnnlab.training.optim.grouped_sgd", "+optimizer.momentum=0.85",
+        "+optimizer.nesterov=true", "+optimizer.decoupled_weight_decay=true",
+        "+optimizer.norm_bias_lr_scale=64", "scheduler=piecewise_linear", "data.drop_last=true",
+        "+callbacks.lookahead._target_=cnnlab.training.lookahead.Lookahead", "tta=flip_translate",
+    )  # fmt: skip
+    counter = count_reads(monkeypatch, job)
+    fit(job)
+    checks = checking_steps(1000)
+    assert counter.during == [Counter(tolist=1) if s in checks else Counter() for s in STEPS]
+    assert not any(counter.before[step] for step in STEPS)

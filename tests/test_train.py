@@ -206,7 +206,7 @@ def test_a_nan_loss_stops_the_run_at_once_with_one_line(tmp_path: Path) -> None:
     result = cnnlab_train(
         *SMALL,
         "optimizer.lr=1e12",
-        "scheduler=null",
+        "~scheduler",
         f"paths.log_dir={tmp_path}/logs",
         env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "tests"},
     )

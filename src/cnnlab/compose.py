@@ -20,11 +20,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from cnnlab.config import COMPILE_MODES, CONF_DIR, MATMUL_PRECISIONS, TrainConfig
+from cnnlab.config import (
+    COMPILE_MODES,
+    CONF_DIR,
+    CROP_FILLS,
+    FLIPS,
+    MATMUL_PRECISIONS,
+    TrainConfig,
+)
 from cnnlab.models import PRESETS, preset
 from cnnlab.models.heads import HEADS
-from cnnlab.models.layers import ACTIVATIONS, CONVS
+from cnnlab.models.layers import ACTIVATIONS, CONVS, INITS
 from cnnlab.models.pooling import POOLINGS
+from cnnlab.models.tta import TTA
 
 HYDRA_OUTPUT_DIR = "${hydra:runtime.output_dir}"  # paths.output_dir, as conf/ sets it
 
@@ -39,6 +47,10 @@ NAMED_VALUES: dict[str, Iterable[str]] = {
     "model.head": HEADS,
     "model.activation": ACTIVATIONS,
     "model.conv": CONVS,
+    "model.init": INITS,
+    "data.crop_fill": CROP_FILLS,
+    "data.flip": FLIPS,
+    "tta": TTA,
     "perf.compile_mode": COMPILE_MODES,
     "perf.matmul_precision": MATMUL_PRECISIONS,
 }

@@ -21,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.checks import ConfigError, check_choice, check_range
-from cnnlab.data.config import DataConfig, DataSource
+from cnnlab.data.config import CROP_FILLS, FLIPS, DataConfig, DataSource
 from cnnlab.models import ModelConfig
+from cnnlab.models.tta import TTA
 
 # The checkout that holds conf/: cnnlab is installed editable from it (see the Makefile).
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -150,6 +151,9 @@ class TrainConfig:
     task_name: str = "train"
     test: bool = True  # evaluate the best checkpoint on the test set after fitting
     label_smoothing: float = 0.0  # of the training loss (validation and test losses: none)
+    # Test-time augmentation of validation and test predictions: none | flip (the mirror
+    # image too) | flip_translate (and both moved 1 px: six views, airbench's level 2)
+    tta: str = "none"
     resume: str | None = None  # an interrupted run's id or checkpoint: continue that run
 
     def __post_init__(self) -> None:
@@ -157,12 +161,15 @@ class TrainConfig:
             raise ConfigError("optimizer.lr is missing; set a learning rate > 0")
         check_range("optimizer.lr", self.optimizer["lr"], low=0, low_open=True)
         check_range("label_smoothing", self.label_smoothing, low=0, high=1)
+        check_choice("tta", self.tta, TTA)
         # The seeds NumPy takes, as Lightning's seed_everything checks them (it raises a bare
         # ValueError mid-setup otherwise).
         check_range("seed", self.seed, low=0, high=SEED_MAX, high_open=False)
 
 
 __all__ = [
+    "CROP_FILLS",
+    "FLIPS",
     "ConfigError",
     "DataConfig",
     "DataSource",

@@ -206,7 +206,7 @@ def plan(cfg: DictConfig, runtime: Runtime, client: MlflowClient, into: Path) ->
     check_shape(spec, settings.data.name)
     datamodule = ImageDataModule(settings.data, shuffle_seed=settings.seed)
     datamodule.setup("test")
-    module = Classifier(None, spec.classes, **describing(settings.model, spec))
+    module = Classifier(None, spec.classes, tta=settings.tta, **describing(settings.model, spec))
     try:  # the weights must fit the model: a checkpoint of another one is refused here
         module.load_state_dict(trained.state["state_dict"])
     except RuntimeError as error:

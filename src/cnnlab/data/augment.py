@@ -16,18 +16,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def crop_flip(images: Tensor, padding: int = 4) -> Tensor:
-    """Random crop of the original size from the zero-padded image, then a random horizontal
-    flip: torchvision's ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip()``."""
+def crop_flip(images: Tensor, padding: int = 4, fill: str = "zeros", flip: bool = True) -> Tensor:
+    """Random crop of the original size from the padded image (``fill``: zeros or reflect),
+    then (``flip``) a random horizontal flip: torchvision's ``RandomCrop(size, padding,
+    padding_mode=...)`` + ``RandomHorizontalFlip()``."""
     batch, _, height, width = images.shape
     device = images.device
-    padded = F.pad(images, (padding,) * 4)  # (B, C, H+2p, W+2p)
+    mode = "constant" if fill == "zeros" else fill
+    padded = F.pad(images, (padding,) * 4, mode=mode)  # (B, C, H+2p, W+2p)
     top = torch.randint(0, 2 * padding + 1, (batch, 1), device=device)
     left = torch.randint(0, 2 * padding + 1, (batch, 1), device=device)
     rows = top + torch.arange(height, device=device)  # (B, H)
     cols = left + torch.arange(width, device=device)  # (B, W)
-    flip = torch.rand(batch, 1, device=device) < 0.5
-    cols = torch.where(flip, cols.flip(1), cols)
+    if flip:
+        mirrored = torch.rand(batch, 1, device=device) < 0.5
+        cols = torch.where(mirrored, cols.flip(1), cols)
     index = torch.arange(batch, device=device)[:, None, None]
     crops = padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
     return crops.permute(0, 3, 1, 2)
@@ -49,3 +52,19 @@ def affine(images: Tensor, degrees: float = 10.0, translate: float = 0.1) -> Ten
 
 
 AUGMENTATIONS: dict[str, Callable[[Tensor], Tensor]] = {"crop_flip": crop_flip, "affine": affine}
+
+
+class AlternatingFlip:
+    """Each image mirrored in every other epoch (airbench): which half is mirrored in the
+    even epochs is drawn once from ``seed``, so every epoch shows each image the other way
+    round from the epoch before. Applied where a batch is gathered, to the batch's indices,
+    with the epoch of ``sampler`` (anything with an ``epoch``)."""
+
+    def __init__(self, size: int, seed: int, device: torch.device, sampler) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.even = (torch.rand(size, generator=generator) < 0.5).to(device)  # (N,)
+        self.sampler = sampler
+
+    def __call__(self, images: Tensor, index: Tensor) -> Tensor:
+        mirrored = self.even[index] ^ bool(self.sampler.epoch % 2)  # (B,)
+        return torch.where(mirrored[:, None, None, None], images.flip(-1), images)

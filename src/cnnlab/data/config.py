@@ -6,7 +6,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from cnnlab.checks import check_range, lookup
+from cnnlab.checks import check_choice, check_range, lookup
+
+CROP_FILLS = ("reflect", "zeros")
+FLIPS = ("alternating", "none", "random")
 
 
 class DataSource(enum.Enum):
@@ -31,6 +34,16 @@ class DataConfig:
     # Per-batch augmentation on the model's device (training batches only): random crop with
     # 4 px padding and horizontal flip for CIFAR, small random affine for MNIST.
     augment: bool = False
+    # Of CIFAR's crop-and-flip augmentation: the crop's padding (px), how the padding is
+    # filled (zeros | reflect), and the flip: random (a coin per image and batch) |
+    # alternating (each image mirrored every other epoch, which half first drawn once by the
+    # seed: airbench) | none. airbench94: 2, reflect, alternating.
+    crop_padding: int = 4
+    crop_fill: str = "zeros"
+    flip: str = "random"
+    # Drop each epoch's last, smaller training batch: every step then has one shape (what
+    # airbench and torch.compile want); its images wait for the next epoch's order.
+    drop_last: bool = False
     # On a GPU: the whole dataset (uint8) lives there and batches are gathered there;
     # false: each batch is copied from pinned host memory. No effect on the CPU.
     resident: bool = True
@@ -42,3 +55,6 @@ class DataConfig:
         check_range("data.batch_size", self.batch_size, low=0, low_open=True)
         check_range("data.eval_batch_size", self.eval_batch_size, low=0, low_open=True)
         check_range("data.val_size", self.val_size, low=0, low_open=True)
+        check_range("data.crop_padding", self.crop_padding, low=0)
+        check_choice("data.crop_fill", self.crop_fill, CROP_FILLS)
+        check_choice("data.flip", self.flip, FLIPS)

@@ -3,8 +3,9 @@ normalized on the model's device after transfer."""
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import numpy as np
@@ -13,22 +14,26 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from cnnlab.checks import ConfigError
-from cnnlab.data.augment import AUGMENTATIONS
+from cnnlab.data.augment import AUGMENTATIONS, AlternatingFlip, crop_flip
 from cnnlab.data.config import DataConfig
 from cnnlab.data.sources import ImageSet, dataset_info, load_splits
 
 
 class TensorBatches(Dataset):
-    """Indexed by a tensor of indices, so a batch is one gather, not N Python calls."""
+    """Indexed by a tensor of indices, so a batch is one gather, not N Python calls;
+    ``flip`` (an :class:`~cnnlab.data.augment.AlternatingFlip`) mirrors images by index."""
 
-    def __init__(self, data: ImageSet) -> None:
-        self.data = data
+    def __init__(self, data: ImageSet, flip: AlternatingFlip | None = None) -> None:
+        self.data, self.flip = data, flip
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        return self.data.images[index], self.data.labels[index]
+        images = self.data.images[index]
+        if self.flip is not None:
+            images = self.flip(images, index)
+        return images, self.data.labels[index]
 
 
 class EpochBatchSampler:
@@ -123,7 +128,7 @@ class ImageDataModule(L.LightningDataModule):
         self.name, self.root, self.source = config.name, config.root, config.source.value
         self.batch_size, self.eval_batch_size = config.batch_size, config.eval_batch_size
         self.shuffle_seed, self.resume_at = shuffle_seed, resume_at
-        self.augment = AUGMENTATIONS[self.info.augmentation] if config.augment else None
+        self.augment = augmentation(config, self.info.augmentation, self.info.size)
         self.source_used: str | None = None
         self.train_set: ImageSet | None = None
         self.val_set: ImageSet | None = None
@@ -158,7 +163,13 @@ class ImageDataModule(L.LightningDataModule):
         self.test_set = splits.test
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True, resume_at=self.resume_at)
+        return self._loader(
+            self.train_set,
+            self.batch_size,
+            shuffle=True,
+            resume_at=self.resume_at,
+            drop_last=self.config.drop_last,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
@@ -167,7 +178,13 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
 
     def _loader(
-        self, data: ImageSet, batch_size: int, *, shuffle: bool, resume_at: tuple[int, int] = (0, 0)
+        self,
+        data: ImageSet,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        resume_at: tuple[int, int] = (0, 0),
+        drop_last: bool = False,
     ) -> DataLoader:
         rank, world = 0, 1
         if self.trainer is not None:
@@ -184,12 +201,16 @@ class ImageDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             resume_at=resume_at,
+            drop_last=drop_last,
             device=data.images.device,  # the index where the data is: no copy per batch
         )
+        flip = None
+        if shuffle and self.augment is not None and self.config.flip == "alternating":
+            flip = AlternatingFlip(len(data), self.shuffle_seed, data.images.device, sampler)
         # Its own generator: a DataLoader draws a worker seed from the global one each time it
         # is iterated, which would shift the dropout masks of a run resumed mid-epoch.
         return DataLoader(
-            TensorBatches(data),
+            TensorBatches(data, flip),
             batch_size=None,
             sampler=sampler,
             pin_memory=accelerated and not self.config.resident,
@@ -222,6 +243,47 @@ class ImageDataModule(L.LightningDataModule):
         if device not in self._constants_on:
             self._constants_on[device] = (self._scale.to(device), self._shift.to(device))
         return self._constants_on[device]
+
+
+def augmentation(config: DataConfig, name: str, size: int) -> Callable[[Tensor], Tensor] | None:
+    """The batch augmentation ``config`` asks for, of the dataset's kind ``name``.
+
+    Raises:
+        ConfigError: crop or flip settings that the dataset's augmentation does not take, or
+            that do nothing because ``data.augment`` is off.
+    """
+    changed = [
+        f"data.{key}={getattr(config, key)}"
+        for key, default in CROP_FLIP_DEFAULTS.items()
+        if getattr(config, key) != default
+    ]
+    if changed and not (config.augment and name == "crop_flip"):
+        why = (
+            "data.augment is false" if not config.augment else f"{config.name} augments with {name}"
+        )
+        raise ConfigError(
+            f"{', '.join(changed)}: a setting of the crop-and-flip augmentation, but {why}; "
+            "valid: data.augment=true on cifar10 or cifar100"
+        )
+    if not config.augment:
+        return None
+    if name != "crop_flip":
+        return AUGMENTATIONS[name]
+    if config.crop_fill == "reflect" and config.crop_padding >= size:
+        raise ConfigError(
+            f"data.crop_padding={config.crop_padding} with data.crop_fill=reflect: reflection "
+            f"pads less than the image's {size} px; valid: 0 to {size - 1}"
+        )
+    return functools.partial(
+        crop_flip,
+        padding=config.crop_padding,
+        fill=config.crop_fill,
+        flip=config.flip == "random",  # alternating: mirrored where batches are gathered
+    )
+
+
+# The crop-and-flip settings of DataConfig and their defaults (what other datasets leave be).
+CROP_FLIP_DEFAULTS = {"crop_padding": 4, "crop_fill": "zeros", "flip": "random"}
 
 
 def _subset(data: ImageSet, index: Tensor) -> ImageSet:

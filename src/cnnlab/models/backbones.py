@@ -14,9 +14,10 @@ from torch import Tensor, nn
 from cnnlab.checks import ConfigError, lookup
 from cnnlab.models.heads import make_head
 from cnnlab.models.knobs import ModelConfig
-from cnnlab.models.layers import make_activation, make_conv
+from cnnlab.models.layers import initialize, make_activation, make_conv, make_norm
 from cnnlab.models.pooling import POOLINGS, make_pooling
 from cnnlab.models.shapes import Window
+from cnnlab.models.whitening import PatchWhitening
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,12 @@ PRESETS: dict[str, Preset] = {
             fc_hidden=[128],
         ),
     ),
-    # A small, fast CIFAR-10 net in the style of the public speed records (Keller Jordan's
-    # airbench: three stages of two 3x3 convs with batchnorm and GELU, widths 64-256-256,
-    # each stage max-pooled). For `experiment=speedrun`; GAP and one linear layer on top.
+    # airbench94's net (Keller Jordan, cifar10-airbench, legacy/airbench94.py), for
+    # `experiment=speedrun`: a frozen 2x2 patch-whitening layer (24 maps), then three stages
+    # of conv -> pool -> batchnorm -> GELU -> conv -> batchnorm -> GELU, widths 64-256-256,
+    # convs without bias and initialized as identities, batchnorm with a frozen scale,
+    # momentum 0.4 and eps 1e-12; global max-pooling, a linear layer without bias, logits x 1/9.
+    # The 31 px after the whitening are floored by each pooling (31 -> 15 -> 7 -> 3), as there.
     "speedrun": Preset(
         stage_plan,
         dict(
@@ -125,9 +129,19 @@ PRESETS: dict[str, Preset] = {
             padding=1,
             convs_per_stage=2,
             batchnorm=True,
+            norm_momentum=0.4,
+            norm_eps=1e-12,
+            norm_weight=False,
+            conv_bias=False,
+            init="dirac",
+            whiten=2,
+            pool_first=True,
             activation="gelu",
-            head="gap",
+            head="max",
+            head_bias=False,
+            head_scale=1 / 9,
             fc_hidden=[],
+            strict_shapes=False,
         ),
     ),
 }
@@ -197,11 +211,12 @@ def build_model(model: ModelConfig | str, data: InputSpec, **overrides) -> Net:
     knobs = preset(model, **overrides) if isinstance(model, str) else model
     stages = lookup("backbone", knobs.name, PRESETS).plan(knobs)
     builder = _StageBuilder(knobs, data.channels, data.size)
-    backbone = nn.Sequential(
-        OrderedDict(
-            (f"stage{s}", builder.stage(s, stage)) for s, stage in enumerate(stages, start=1)
-        )
-    )
+    layers = OrderedDict([("stem", builder.stem())] if knobs.whiten else [])
+    for s, stage in enumerate(stages, start=1):
+        layers[f"stage{s}"] = builder.stage(s, stage)
+    backbone = nn.Sequential(layers)
+    for s in range(1, len(stages) + 1):
+        initialize(backbone.get_submodule(f"stage{s}"), knobs.init)
     head = make_head(
         knobs.head,
         builder.channels,
@@ -210,6 +225,8 @@ def build_model(model: ModelConfig | str, data: InputSpec, **overrides) -> Net:
         hidden=knobs.fc_hidden,
         dropout=knobs.dropout,
         activation=knobs.activation,
+        bias=knobs.head_bias,
+        scale=knobs.head_scale,
     )
     return Net(backbone, head, builder.sizes)
 
@@ -227,33 +244,42 @@ class _StageBuilder:
         self.sizes.append((layer, self.size))
         return self.size
 
+    def stem(self) -> nn.Sequential:
+        """The frozen patch-whitening layer and its activation (``model.whiten``)."""
+        knobs = self.knobs
+        whiten = PatchWhitening(self.channels, knobs.whiten, knobs.whiten_eps)
+        self._out("stem.whiten", Window(knobs.whiten))
+        self.channels = whiten.conv.out_channels
+        return nn.Sequential(OrderedDict(whiten=whiten, act=make_activation(knobs.activation)))
+
     def stage(self, index: int, stage: Stage) -> ConvStage:
         knobs = self.knobs
         channels_in, size_in, stride = self.channels, self.size, 1
+        # The conv the stage's pooling follows (pool_first: the first, as airbench), or that
+        # downsamples itself (pooling=stride).
+        pooled = 1 if knobs.pool_first else len(stage.widths)
         body: OrderedDict[str, nn.Module] = OrderedDict()
         for c, width in enumerate(stage.widths, start=1):
             window = stage.conv
-            if knobs.pooling == "stride" and stage.pool and c == len(stage.widths):
+            if knobs.pooling == "stride" and stage.pool and c == pooled:
                 window = dataclasses.replace(window, stride=knobs.pool_stride)
             self._out(f"stage{index}.conv{c}", window)
             stride *= window.stride
             # The first conv of the net stays standard, as in MobileNet and ResNeXt: 1 or 3
             # input channels leave nothing to group or to separate.
             kind = "standard" if (index, c) == (1, 1) else knobs.conv
-            body[f"conv{c}"] = make_conv(kind, self.channels, width, window, knobs.groups)
+            body[f"conv{c}"] = make_conv(
+                kind, self.channels, width, window, knobs.groups, knobs.conv_bias
+            )
+            if knobs.pool_first and c == pooled and stage.pool:
+                body["pool"] = self._pooling(index) or nn.Identity()
             if knobs.batchnorm:
-                body[f"norm{c}"] = nn.BatchNorm2d(width)
+                body[f"norm{c}"] = self._norm(width)
             if c < len(stage.widths):
                 body[f"act{c}"] = make_activation(knobs.activation)
             self.channels = width
         shortcut = self._shortcut(index, channels_in, size_in, stride) if knobs.residual else None
-        pool = (
-            make_pooling(knobs.pooling, knobs.pooling_kernel, knobs.pool_stride, knobs.pooling_p)
-            if stage.pool
-            else None
-        )
-        if pool is not None:
-            self._out(f"stage{index}.pool", Window(knobs.pooling_kernel, knobs.pool_stride))
+        pool = self._pooling(index) if stage.pool and not knobs.pool_first else None
         dropout = nn.Dropout2d(knobs.dropout2d) if knobs.dropout2d > 0 else nn.Identity()
         return ConvStage(
             nn.Sequential(body),
@@ -262,6 +288,17 @@ class _StageBuilder:
             pool or nn.Identity(),
             dropout,
         )
+
+    def _pooling(self, index: int) -> nn.Module | None:
+        knobs = self.knobs
+        pool = make_pooling(knobs.pooling, knobs.pooling_kernel, knobs.pool_stride, knobs.pooling_p)
+        if pool is not None:
+            self._out(f"stage{index}.pool", Window(knobs.pooling_kernel, knobs.pool_stride))
+        return pool
+
+    def _norm(self, channels: int) -> nn.BatchNorm2d:
+        knobs = self.knobs
+        return make_norm(channels, knobs.norm_momentum, knobs.norm_eps, knobs.norm_weight)
 
     def _shortcut(self, index: int, channels_in: int, size_in: int, stride: int) -> nn.Module:
         """Identity, or a strided 1x1 projection (with batchnorm) when the shape changes."""
@@ -272,7 +309,7 @@ class _StageBuilder:
             )
         if stride == 1 and channels_in == self.channels:
             return nn.Identity()
-        projection = [nn.Conv2d(channels_in, self.channels, 1, stride)]
+        projection = [nn.Conv2d(channels_in, self.channels, 1, stride, bias=self.knobs.conv_bias)]
         if self.knobs.batchnorm:
-            projection.append(nn.BatchNorm2d(self.channels))
+            projection.append(self._norm(self.channels))
         return nn.Sequential(*projection)

@@ -28,6 +28,7 @@ class FCHead(nn.Module):
         hidden: Sequence[int] = (),
         dropout: float = 0.0,
         activation: str = "relu",
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self.flatten = nn.Flatten()
@@ -39,7 +40,7 @@ class FCHead(nn.Module):
                 nn.Linear(width_in, width_out),
                 make_activation(activation),
             ]
-        layers += [*_dropout(dropout), nn.Linear(widths[-1], classes)]
+        layers += [*_dropout(dropout), nn.Linear(widths[-1], classes, bias=bias)]
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -47,13 +48,16 @@ class FCHead(nn.Module):
         return self.mlp(x)
 
 
-class GAPHead(nn.Module):
-    """Global average pooling to one value per channel, then one linear classifier."""
+class GlobalPoolHead(nn.Module):
+    """Global pooling to one value per channel (average: GAP; max: airbench's head), then
+    one linear classifier."""
 
-    def __init__(self, channels: int, classes: int, *, dropout: float = 0.0) -> None:
+    def __init__(
+        self, pool: nn.Module, channels: int, classes: int, *, dropout: float, bias: bool
+    ) -> None:
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = FCHead(channels, classes, dropout=dropout)
+        self.pool = pool
+        self.classifier = FCHead(channels, classes, dropout=dropout, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.pool(x)  # (B, C, 1, 1)
@@ -64,10 +68,12 @@ class NINHead(nn.Module):
     """Network in Network: a 1x1 conv to one map per class, then global average pooling;
     no dense layer at all."""
 
-    def __init__(self, channels: int, classes: int, *, dropout: float = 0.0) -> None:
+    def __init__(
+        self, channels: int, classes: int, *, dropout: float = 0.0, bias: bool = True
+    ) -> None:
         super().__init__()
         self.dropout = nn.Sequential(*_dropout(dropout))
-        self.conv = nn.Conv2d(channels, classes, 1)
+        self.conv = nn.Conv2d(channels, classes, 1, bias=bias)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
 
@@ -76,17 +82,36 @@ class NINHead(nn.Module):
         return self.flatten(self.pool(x))  # (B, classes)
 
 
-# name -> factory(channels, size, classes, hidden, dropout, activation); each head takes
-# what applies to it: fc_hidden and the activation only matter to the FC head.
+class Scaled(nn.Module):
+    """A head whose logits are multiplied by ``scale`` (airbench's 1/9)."""
+
+    def __init__(self, head: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.head, self.scale = head, scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x) * self.scale
+
+
+# name -> factory(channels, size, classes, hidden, dropout, activation, bias); each head
+# takes what applies to it: fc_hidden and the activation only matter to the FC head.
 HEADS: dict[str, Callable[..., nn.Module]] = {
-    "fc": lambda channels, size, classes, hidden, dropout, activation: FCHead(
-        channels * size * size, classes, hidden=hidden, dropout=dropout, activation=activation
+    "fc": lambda channels, size, classes, hidden, dropout, activation, bias: FCHead(
+        channels * size * size,
+        classes,
+        hidden=hidden,
+        dropout=dropout,
+        activation=activation,
+        bias=bias,
     ),
-    "gap": lambda channels, size, classes, hidden, dropout, activation: GAPHead(
-        channels, classes, dropout=dropout
+    "gap": lambda channels, size, classes, hidden, dropout, activation, bias: GlobalPoolHead(
+        nn.AdaptiveAvgPool2d(1), channels, classes, dropout=dropout, bias=bias
     ),
-    "nin": lambda channels, size, classes, hidden, dropout, activation: NINHead(
-        channels, classes, dropout=dropout
+    "max": lambda channels, size, classes, hidden, dropout, activation, bias: GlobalPoolHead(
+        nn.AdaptiveMaxPool2d(1), channels, classes, dropout=dropout, bias=bias
+    ),
+    "nin": lambda channels, size, classes, hidden, dropout, activation, bias: NINHead(
+        channels, classes, dropout=dropout, bias=bias
     ),
 }
 
@@ -100,5 +125,9 @@ def make_head(
     hidden: Sequence[int] = (),
     dropout: float = 0.0,
     activation: str = "relu",
+    bias: bool = True,
+    scale: float = 1.0,
 ) -> nn.Module:
-    return lookup("head", name, HEADS)(channels, size, classes, hidden, dropout, activation)
+    factory = lookup("head", name, HEADS)
+    head = factory(channels, size, classes, hidden, dropout, activation, bias)
+    return head if scale == 1 else Scaled(head, scale)

@@ -53,6 +53,74 @@ class EpochSpeed(L.Callback):
         )
 
 
+class TrainTimer(L.Callback):
+    """The time airbench reports: training and its set-up (the whitening fit) on the device,
+    not validation, checkpoints or the test, logged once at the end as ``time/train_s``.
+
+    On a GPU it is timed with CUDA events, recorded without waiting and read once at the end:
+    the time the GPU took, not when Python queued the work. The clock runs from the start of
+    the fit to the first validation (the sanity check), and from each epoch's first training
+    batch to its validation or end; a resumed run adds to the seconds its checkpoint saved.
+    """
+
+    def __init__(self) -> None:
+        self.seconds_before = 0.0  # of the run's earlier starts
+        self._spans: list[tuple[Any, Any]] = []  # (start, end) marks: events or perf_counter
+        self._open: Any = None
+
+    def _mark(self, device: torch.device) -> Any:
+        if device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _start(self, pl_module: L.LightningModule) -> None:
+        if self._open is None:
+            self._open = self._mark(pl_module.device)
+
+    def _stop(self, pl_module: L.LightningModule) -> None:
+        if self._open is not None:
+            self._spans.append((self._open, self._mark(pl_module.device)))
+            self._open = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(pl_module)  # before WhiteningFit's: the callbacks run in list order
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start(pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop(pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop(pl_module)
+
+    @property
+    def seconds(self) -> float:
+        """The time so far; on a GPU this waits for the device (read it at the end)."""
+        total = self.seconds_before
+        for start, end in self._spans:
+            if isinstance(start, float):
+                total += end - start
+            else:
+                end.synchronize()
+                total += start.elapsed_time(end) / 1000
+        return total
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop(pl_module)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"time/train_s": self.seconds}, step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seconds_before = float(state_dict["seconds"])
+
+
 class ResumeState(L.Callback):
     """Saved in every checkpoint: the MLflow run it belongs to (its logger's run), where in
     the epoch training stood, the fit's time so far, and the random number generators'

@@ -14,7 +14,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from cnnlab.checks import lookup
 from cnnlab.models import InputSpec, ModelConfig, build_model
+from cnnlab.models.tta import TTA
 from cnnlab.training import compat
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -50,6 +52,10 @@ class Classifier(L.LightningModule):
     for). They are saved in each checkpoint's hyperparameters, so that
     ``Classifier.load_from_checkpoint(path)`` rebuilds the net alone (``net=None``), from a
     file that ``torch.load(weights_only=True)`` reads.
+
+    ``tta``: test-time augmentation of validation and test predictions (see :data:`TTA`).
+    An optimizer factory that takes ``net`` (cnnlab.training.optim.grouped_sgd) is given
+    the net, to group its parameters; any other is given ``params``.
     """
 
     def __init__(
@@ -61,6 +67,7 @@ class Classifier(L.LightningModule):
         label_smoothing: float = 0.0,
         model: dict[str, Any] | None = None,
         input_spec: dict[str, int] | None = None,
+        tta: str = "none",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
@@ -81,6 +88,7 @@ class Classifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion_matrix: Tensor | None = None  # of the last test, all ranks summed
+        self.predict_views = lookup("tta", tta, TTA)  # validation and test predictions
         self.memory_format = torch.contiguous_format  # of the net and its batches (perf.FastPath)
         self._unread: list[UnreadStep] = []  # losses not checked yet (_stop_if_non_finite)
 
@@ -174,7 +182,7 @@ class Classifier(L.LightningModule):
         self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy
     ) -> Tensor:
         images, labels = batch
-        logits = self(images)
+        logits = self.predict_views(self, images)
         accuracy(logits, labels)
         loss = self.eval_criterion(logits, labels)
         self.log(f"{stage}/loss", loss, batch_size=len(labels), sync_dist=True)
@@ -216,7 +224,10 @@ class Classifier(L.LightningModule):
 
         A scheduler that monitors a metric (ReduceLROnPlateau) watches ``val/loss``.
         """
-        optimizer = self.optimizer_factory(params=self.parameters())
+        if "net" in inspect.signature(self.optimizer_factory).parameters:
+            optimizer = self.optimizer_factory(net=self.net)
+        else:
+            optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         wants_length = "total_steps" in inspect.signature(self.scheduler_factory).parameters

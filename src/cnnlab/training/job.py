@@ -33,9 +33,10 @@ from cnnlab.data.sources import DatasetInfo
 from cnnlab.models import InputSpec, Net, build_model
 from cnnlab.models.summary import ModelReport
 from cnnlab.training import compat
-from cnnlab.training.callbacks import EpochSpeed, InterruptCheckpoint, ResumeState
+from cnnlab.training.callbacks import EpochSpeed, InterruptCheckpoint, ResumeState, TrainTimer
 from cnnlab.training.classifier import Classifier, describing
 from cnnlab.training.perf import FastPath
+from cnnlab.training.whitening import WhiteningFit
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,7 @@ def build_module(
         instantiate(settings.optimizer),
         scheduler,
         settings.label_smoothing,
+        tta=settings.tta,
         **describing(settings.model, spec),
     )
     return spec, net, module
@@ -189,7 +191,11 @@ def complete_optimization(
     """Complete the optimizer and scheduler partials now, for the run's real length, so that
     a bad argument fails before any run exists."""
     steps = planned_steps(
-        settings.trainer, len(datamodule.train_set), datamodule.batch_size, world_size
+        settings.trainer,
+        len(datamodule.train_set),
+        datamodule.batch_size,
+        world_size,
+        drop_last=settings.data.drop_last,
     )
     try:
         module.optimization(total_steps=steps)
@@ -210,8 +216,14 @@ def build_callbacks(
     if not settings.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     perf = settings.perf
+    model = settings.model
+    whitening = (
+        [WhiteningFit(model.whiten_images, model.whiten_bias_epochs)] if model.whiten else []
+    )
     callbacks += [
         EpochSpeed(),
+        TrainTimer(),  # before WhiteningFit: the fit is part of the time airbench reports
+        *whitening,
         resume_state,
         FastPath(perf.memory_format.value, perf.compile, perf.compile_mode, perf.matmul_precision),
     ]
@@ -264,7 +276,9 @@ def check_not_spawned(trainer: L.Trainer, requested: str) -> None:
         )
 
 
-def planned_steps(trainer_args: dict[str, Any], images: int, batch_size: int, world: int) -> int:
+def planned_steps(
+    trainer_args: dict[str, Any], images: int, batch_size: int, world: int, drop_last: bool = False
+) -> int:
     """The optimizer steps ``trainer.fit`` will take, as Lightning's
     ``estimated_stepping_batches`` counts them once the fit has begun; checked here so that a
     run that would train nothing, or that its scheduler cannot plan, fails before it exists.
@@ -274,7 +288,16 @@ def planned_steps(trainer_args: dict[str, Any], images: int, batch_size: int, wo
     """
     if trainer_args.get("fast_dev_run"):
         return 1  # Lightning runs one batch of each loop (or the number given), then stops
-    batches = len(EpochBatchSampler(images, batch_size, shuffle=False, world_size=world))
+    sampler = EpochBatchSampler(
+        images, batch_size, shuffle=False, world_size=world, drop_last=drop_last
+    )
+    batches = len(sampler)
+    if batches == 0:  # drop_last with fewer images than one batch
+        raise config.ConfigError(
+            f"data.drop_last=true drops every batch: data.batch_size={batch_size} is more than "
+            f"the {sampler.shard_size} training images of each of {world} process(es); valid: "
+            f"a batch size <= {sampler.shard_size}, or data.drop_last=false"
+        )
     limit = trainer_args.get("limit_train_batches")
     if limit is not None:
         config.check_range("trainer.limit_train_batches", limit, low=0, low_open=True)
