@@ -22,7 +22,7 @@ from cnnlab.data.config import DataConfig
 from cnnlab.models import InputSpec, build_model
 from cnnlab.models.tta import TTA
 from cnnlab.models.whitening import PatchWhitening
-from cnnlab.training.job import fit_and_test, planned_steps, prepare
+from cnnlab.training.job import fit_and_test, planned_steps, prepare, start_from
 from cnnlab.training.lookahead import Lookahead
 from cnnlab.training.optim import PiecewiseLinear, grouped_sgd, piecewise_linear
 from tests.conftest import compose_train, only_run, write_cifar
@@ -420,3 +420,51 @@ def test_the_timer_and_the_recipe_are_recorded_in_mlflow(
         "flip_translate", "alternating", "reflect"
     )  # fmt: skip
     assert params["optimizer/norm_bias_lr_scale"] == "64"
+
+
+class StopAfterEpoch(L.Callback):
+    """Stops the fit at the end of epoch ``epoch``, once its checkpoint is saved: what a
+    kill between epochs leaves."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def test_a_speedrun_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(
+    tmp_path, skip_cifar_checksums
+) -> None:
+    """Lookahead's average, the timer's seconds, the fitted whitening and its frozen bias
+    all come back from the checkpoint: the resumed fit ends with the same weights."""
+    root = write_cifar(tmp_path / "data", train=400, test=20)
+
+    def job(name: str, start=None):
+        cfg = compose_train(
+            ["experiment=speedrun", "trainer=default", "trainer.max_epochs=3",
+             "trainer.max_steps=-1", "trainer.limit_val_batches=1", "trainer.deterministic=true",
+             "trainer.enable_progress_bar=false", "data.batch_size=50", "data.val_size=100",
+             "model.channels=[4,8,8]", "model.whiten_images=20", "model.whiten_bias_epochs=1",
+             "test=false", f"data.root={root}", f"paths.root_dir={tmp_path}"],
+            tmp_path / name,
+        )  # fmt: skip
+        return prepare(cfg, start=start, logger=DummyLogger())
+
+    whole = job("whole")
+    fit_and_test(whole)
+    first = job("first")
+    first.trainer.callbacks.append(StopAfterEpoch(0))
+    fit_and_test(first)
+    checkpoint = tmp_path / "first/checkpoints/last.ckpt"
+    saved = torch.load(checkpoint, weights_only=True)["callbacks"]
+    assert any(key.startswith("Lookahead") for key in saved)
+    assert saved["TrainTimer"]["seconds"] > 0
+    resumed = job("first", start_from(checkpoint))
+    timer = next(c for c in resumed.trainer.callbacks if type(c).__name__ == "TrainTimer")
+    result = fit_and_test(resumed)
+    assert result.step == whole.trainer.global_step == 18
+    assert timer.seconds_before == saved["TrainTimer"]["seconds"]
+    for name, value in whole.net.state_dict().items():
+        torch.testing.assert_close(resumed.net.state_dict()[name], value, msg=name)
