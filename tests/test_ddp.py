@@ -136,3 +136,29 @@ def test_a_sweep_over_devices_gives_every_job_its_world_size_and_one_run(tmp_pat
     sweeps = list((tmp_path / "logs/train/multiruns").iterdir())
     assert len(sweeps) == 1  # no worker re-ran the sweep
     assert sorted(p.name for p in sweeps[0].iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
+
+
+def test_the_speedrun_recipe_under_ddp_fits_its_whitening_on_every_rank(tmp_path: Path) -> None:
+    """airbench's pieces on two gloo ranks: the whitening fitted on each and rank 0's
+    broadcast, lookahead on each rank's copy, the grouped optimizer, the timer; on the
+    bundled digits (a DDP rank is a fresh process: CIFAR fixture files would fail their md5)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = cnnlab_train(
+        "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=2",
+        "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false",
+        "model=speedrun", "model.channels=[4,8,8]", "model.whiten_images=64",
+        "model.whiten_bias_epochs=1", "optimizer._target_=cnnlab.training.optim.grouped_sgd",
+        "+optimizer.momentum=0.85", "+optimizer.nesterov=true",
+        "+optimizer.decoupled_weight_decay=true", "+optimizer.norm_bias_lr_scale=64",
+        "scheduler=piecewise_linear", "data.drop_last=true", "tta=flip_translate",
+        "+callbacks.lookahead._target_=cnnlab.training.lookahead.Lookahead",
+        f"paths.log_dir={tmp_path}/logs",
+        env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "ddp"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer/world_size"] == "2"
+    assert {"time/train_s", "test/acc"} <= set(run.data.metrics)

@@ -325,7 +325,7 @@ def test_bad_recipe_settings_are_refused_before_training(small_cfg, override, me
 
 class Probe(L.Callback):
     """What the recipe's callbacks did, seen from outside: the whitening's weight after its
-    fit and after each epoch, and the epochs in which its bias had a gradient."""
+    fit and after each epoch, and the epochs in which its bias had a gradient to step."""
 
     def __init__(self) -> None:
         self.weights: list[torch.Tensor] = []
@@ -334,7 +334,7 @@ class Probe(L.Callback):
     def _look(self, pl_module) -> None:
         self.weights.append(pl_module.net.backbone.stem.whiten.conv.weight.detach().clone())
 
-    def on_after_backward(self, trainer, pl_module) -> None:
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if pl_module.net.backbone.stem.whiten.bias.grad is not None:
             self.bias_trained_in.add(trainer.current_epoch)
 

@@ -32,9 +32,13 @@ class WhiteningFit(L.Callback):
             weight = trainer.strategy.broadcast(layer.conv.weight.detach().cpu())
             layer.conv.weight.data.copy_(weight)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for layer in whitening_layers(pl_module):
-            layer.bias.requires_grad_(trainer.current_epoch < self.bias_epochs)
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
+        """After ``bias_epochs``, the bias's gradient is dropped before each step, so the
+        optimizer leaves it be (airbench turns off its ``requires_grad``; under DDP that
+        would break the gradient reduction, which expects every parameter it started with)."""
+        if trainer.current_epoch >= self.bias_epochs:
+            for layer in whitening_layers(pl_module):
+                layer.bias.grad = None
 
 
 def whitening_layers(module: torch.nn.Module) -> list[PatchWhitening]:
