@@ -23,7 +23,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from bench.common import print_table, save, side_by_side
+from bench.common import (
+    ALL,
+    alternate,
+    compare,
+    print_saved,
+    print_table,
+    save,
+    side_by_side,
+)
 from cnnlab.data import ImageDataModule
 from cnnlab.data.config import DataConfig
 from cnnlab.models import InputSpec, build_model
@@ -163,10 +171,11 @@ def main() -> None:
         help="batches per measurement (default: one whole training epoch, so "
         "the classic loader starts its workers once per epoch, as usual)",
     )
-    parser.add_argument("--out", default="data", help="results/<out>.json")
+    parser.add_argument("--out", default="data", help="results/<out>.json, or a .json path")
     args = parser.parse_args()
     torchvision.datasets.cifar.check_integrity = lambda *a, **k: True  # synthetic files
     rows, limit = [], args.batches
+    probe = 50 if limit is None else min(50, limit)  # batches to pick the worker count by
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         write_mnist(root)
@@ -216,32 +225,37 @@ def main() -> None:
             def make(workers: int, c=dataset_cls, t=transform) -> DataLoader:
                 return classic_loader(c, root, t, workers)
 
-            workers = pick_workers(make, lambda batches, m=measure: m(batches, 50))
+            workers = pick_workers(make, lambda batches, m=measure: m(batches, probe))
             classic = make(workers)
-            speeds = side_by_side(
+            measured = alternate(
                 {
                     "classic": measure(classic_batches(classic), limit),
                     "cnnlab": measure(cnnlab_batches(name, root, augment), limit),
                 },
                 args.repeats,
             )
+            # Workers beside a training loop are busy processes of the benchmark's own;
+            # beside a loop that only reads batches, that loop mostly waits for them.
+            own = workers if measure is lenet_training else 0
+            speeds = measured.samples
             rows.append(
-                {
-                    "name": title,
-                    "baseline": speeds["classic"],
-                    "cnnlab": speeds["cnnlab"],
-                    "ratio": speeds["cnnlab"] / speeds["classic"],
-                    "target": target,
-                    "baseline_workers": workers,
-                }
+                compare(
+                    title,
+                    speeds["classic"],
+                    speeds["cnnlab"],
+                    target,
+                    measured.loads,
+                    own_processes=own,
+                    baseline_workers=workers,
+                )
             )
-    print_table("Data path, images/s (median of alternating repeats)", rows)
+    print_table("Data path, images/s (ratio: median of repeat pairs)", rows)
     path = save(
         args.out,
         rows,
         {"batch_size": BATCH, "repeats": args.repeats, "batches_per_measurement": limit},
     )
-    print(f"\nwritten to {path}")
+    print_saved(path, {ALL})
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def print_rows(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sims", type=int, default=1000, help="studies per row (race: 1/4)")
-    parser.add_argument("--out", default="report", help="results/<out>.json")
+    parser.add_argument("--out", default="report", help="results/<out>.json, or a .json path")
     args = parser.parse_args()
     started = time.perf_counter()
     rows = null_rows(args.sims) + power_rows(args.sims) + race_rows(max(args.sims // 4, 10))

@@ -17,6 +17,11 @@ cost, continuing a killed sweep, time to accuracy, and the CPU settings. ``make 
    cnnlab's default recipe against the classic loop and recipe.
 6. The CPU settings: threads and batch size by throughput, memory format by cnnlab.training.perf.
 
+Each ratio is the median over repeat pairs (one repeat of each candidate, measured moments
+apart), printed and saved with its min-max, and refused, not reported, when the load average
+shows other work taking the cores (bench/common.py, ``refusal``). A run of some sections
+replaces only those sections' rows in the results file.
+
 Data: MNIST IDX files from the bundled digits (tiled to 60,000) and CIFAR-10 pickle batches
 of random pixels (speed does not depend on what the pixels show), read by torchvision.
 """
@@ -48,7 +53,15 @@ from torchvision import transforms
 
 import cnnlab.data.sources
 from bench.bench_data import CIFAR_MEAN, CIFAR_STD, MNIST_MEAN, MNIST_STD, write_cifar, write_mnist
-from bench.common import print_table, save, side_by_side
+from bench.common import (
+    alternate,
+    compare,
+    load_samples,
+    print_saved,
+    print_table,
+    save,
+    side_by_side,
+)
 from cnnlab import compose, tracking, train
 from cnnlab.data import ImageDataModule
 from cnnlab.data.config import DataConfig
@@ -256,11 +269,6 @@ def classic_loop(bench: Bench, settings: list[str], model: dict, workers: int) -
     return run
 
 
-def row(name: str, baseline: float, cnnlab: float, target: float, unit: str = "img/s", **extra):
-    return {"name": name, "baseline": baseline, "cnnlab": cnnlab, "ratio": cnnlab / baseline,
-            "target": target, "unit": unit, **extra}  # fmt: skip
-
-
 def faster_workers(bench: Bench, settings: list[str], model: dict) -> int:
     """The classic loop's DataLoader worker count (0 or 2) that trains faster here: on two
     cores, workers speed up the per-sample transforms but take cores from the model."""
@@ -278,7 +286,7 @@ def throughput(bench: Bench, repeats: int) -> list[dict]:
     for title, model in MODELS.items():
         settings = bench.fit_settings(model)
         workers = faster_workers(bench, settings, model)
-        speeds = side_by_side(
+        measured = alternate(
             {
                 "cnnlab": bench.cnnlab(settings),
                 "plain": plain_loop(bench, settings),
@@ -286,22 +294,29 @@ def throughput(bench: Bench, repeats: int) -> list[dict]:
             },
             repeats,
         )
-        rows.append(row(f"{title}: vs plain loop", speeds["plain"], speeds["cnnlab"], 0.90))
+        speeds, loads = measured.samples, measured.loads
+        # The classic loop's DataLoader workers are busy processes of the benchmark's own.
+        rows.append(compare(f"{title}: vs plain loop", speeds["plain"], speeds["cnnlab"], 0.90,
+                            loads, own_processes=workers))  # fmt: skip
         # The plain loop is the ceiling: where it is not 2x the classic loop (a model whose
         # own compute dominates), no data path can make cnnlab 2x.
-        ceiling = speeds["plain"] / speeds["classic"]
-        rows.append(row(f"{title}: vs classic loop", speeds["classic"], speeds["cnnlab"], 2.0,
-                        classic_workers=workers, ceiling=ceiling))  # fmt: skip
+        pairs = zip(speeds["plain"], speeds["classic"], strict=True)
+        ceiling = statistics.median(plain / classic for plain, classic in pairs)
+        rows.append(compare(f"{title}: vs classic loop", speeds["classic"], speeds["cnnlab"],
+                            2.0, loads, own_processes=workers, classic_workers=workers,
+                            ceiling=ceiling))  # fmt: skip
     return rows
 
 
 def mlflow_cost(bench: Bench, repeats: int) -> dict:
     settings = bench.fit_settings(MODELS["LeNet-5, MNIST"])
-    speeds = side_by_side(
+    measured = alternate(
         {"none": bench.cnnlab(settings, logger=False), "mlflow": bench.cnnlab(settings)},
         repeats,
     )
-    return row("LeNet-5, MNIST: MLflow logging vs none", speeds["none"], speeds["mlflow"], 0.97)
+    speeds = measured.samples
+    return compare("LeNet-5, MNIST: MLflow logging vs none", speeds["none"], speeds["mlflow"],
+                   0.97, measured.loads)  # fmt: skip
 
 
 def sweep_command(root: Path, jobs: int, epochs: int, batches: int, folder: str) -> list[str]:
@@ -323,7 +338,8 @@ def sweep_fixed_cost(root: Path, jobs: int) -> dict:
     uri = f"sqlite:///{root}/sweep.db"
     command = sweep_command(root, jobs, epochs=1, batches=20, folder="sweep")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "sweep"}
-    subprocess.run(command, env=env, check=True, capture_output=True)
+    with load_samples() as loads:
+        subprocess.run(command, env=env, check=True, capture_output=True)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("sweep").experiment_id
     runs = client.search_runs([experiment])
@@ -334,10 +350,9 @@ def sweep_fixed_cost(root: Path, jobs: int) -> dict:
         span = (following.info.start_time - run.info.start_time) / 1000
         training = sum(m.value for m in client.get_metric_history(run.info.run_id, "time/epoch_s"))
         costs.append(span - training)
-    cost = statistics.median(costs)
-    return {"name": "sweep job fixed cost (s), in-process launcher", "baseline": 1.0,
-            "cnnlab": cost, "ratio": 1.0 / cost, "target": 1.0, "unit": "s",
-            "jobs_measured": len(costs)}  # fmt: skip
+    # The target is a second a job: the baseline is that second, once for each job.
+    return compare("sweep job fixed cost (s), in-process launcher", [1.0] * len(costs), costs,
+                   1.0, loads, unit="s", jobs_measured=len(costs))  # fmt: skip
 
 
 def sweep_continue_cost(root: Path, jobs: int) -> dict:
@@ -351,6 +366,18 @@ def sweep_continue_cost(root: Path, jobs: int) -> dict:
         uri = f"sqlite:///{root}/{store}.db"
         return {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "sweep"}
 
+    with load_samples() as loads:
+        scratch, continued, all_kept = _scratch_and_continued(command, env, jobs)
+    return compare(f"continuing a killed {jobs}-job sweep vs from scratch (wall s)", [scratch],
+                   [continued], 2.0, loads, unit="s", jobs_left=jobs - jobs * 2 // 3,
+                   all_kept_s=all_kept)  # fmt: skip
+
+
+def _scratch_and_continued(
+    command: list[str], env: Callable[[str], dict[str, str]], jobs: int
+) -> tuple[float, float, float]:
+    """Wall seconds of the whole sweep from scratch, of continuing it after a SIGKILL once
+    two thirds of its jobs finished, and of continuing it once more with every job kept."""
     start = time.perf_counter()
     subprocess.run(command, env=env("scratch"), check=True, capture_output=True)
     scratch = time.perf_counter() - start
@@ -369,10 +396,7 @@ def sweep_continue_cost(root: Path, jobs: int) -> dict:
     subprocess.run([*command, "sweep.resume=latest"], env=env("killed"), check=True,
                    capture_output=True)  # fmt: skip
     all_kept = time.perf_counter() - start
-    return {"name": f"continuing a killed {jobs}-job sweep vs from scratch (wall s)",
-            "baseline": scratch, "cnnlab": continued, "ratio": scratch / continued,
-            "target": 2.0, "unit": "s", "jobs_left": jobs - jobs * 2 // 3,
-            "all_kept_s": all_kept}  # fmt: skip
+    return scratch, continued, all_kept
 
 
 def _finished_children(client: MlflowClient) -> int:
@@ -445,19 +469,18 @@ def classic_to_accuracy(seed: int, max_epochs: int = 40) -> tuple[float, int]:
 
 
 def time_to_accuracy(bench: Bench, seeds: int) -> list[dict]:
+    """Both recipes once a seed, in alternation: a seed's two times are a pair."""
     cnnlab_times, classic_times, epochs = [], [], {"cnnlab": [], "classic": []}
-    for seed in range(seeds):
-        seconds, epoch = cnnlab_to_accuracy(bench, seed)
-        cnnlab_times.append(seconds)
-        epochs["cnnlab"].append(epoch)
-        seconds, epoch = classic_to_accuracy(seed)
-        classic_times.append(seconds)
-        epochs["classic"].append(epoch)
-    cnnlab, classic = statistics.median(cnnlab_times), statistics.median(classic_times)
-    return [{"name": f"LeNet-5 to {TARGET_ACC:.0%} val acc (s), bundled digits",
-             "baseline": classic, "cnnlab": cnnlab, "ratio": classic / cnnlab, "target": 1.0,
-             "unit": "s", "epochs": epochs,
-             "seconds": {"cnnlab": cnnlab_times, "classic": classic_times}}]  # fmt: skip
+    with load_samples() as loads:
+        for seed in range(seeds):
+            seconds, epoch = cnnlab_to_accuracy(bench, seed)
+            cnnlab_times.append(seconds)
+            epochs["cnnlab"].append(epoch)
+            seconds, epoch = classic_to_accuracy(seed)
+            classic_times.append(seconds)
+            epochs["classic"].append(epoch)
+    return [compare(f"LeNet-5 to {TARGET_ACC:.0%} val acc (s), bundled digits", classic_times,
+                    cnnlab_times, 1.0, loads, unit="s", epochs=epochs)]  # fmt: skip
 
 
 def cpu_settings(bench: Bench) -> list[dict]:
@@ -533,53 +556,69 @@ def print_cpu_settings(rows: list[dict]) -> None:
 SECTIONS = ("throughput", "mlflow", "sweep", "continue", "accuracy", "cpu")
 
 
+def measure(sections: list[str], args: argparse.Namespace) -> dict[str, list[dict]]:
+    """The rows of each section asked for, in SECTIONS' order, on fresh data files."""
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        write_mnist(root)
+        write_cifar(root)
+        bench = Bench(root)
+        runs = {
+            "throughput": lambda: throughput(bench, args.repeats),
+            "mlflow": lambda: [mlflow_cost(bench, args.repeats)],
+            "sweep": lambda: [sweep_fixed_cost(root, args.sweep_jobs)],
+            "continue": lambda: [sweep_continue_cost(root, args.continue_jobs)],
+            "accuracy": lambda: time_to_accuracy(bench, args.seeds),
+            "cpu": lambda: cpu_settings(bench),
+        }
+        return {name: [{"section": name} | r for r in run()]
+                for name, run in runs.items() if name in sections}  # fmt: skip
+
+
+def print_results(measured: dict[str, list[dict]]) -> None:
+    rows = [r for name, section in measured.items() if name != "cpu" for r in section]
+    print_table("Training, cnnlab against the baseline (ratio: median of repeat pairs)", rows)
+    for r in rows:
+        if r["ratio"] is not None and r.get("ceiling", r["target"]) < r["target"]:
+            print(f"  {r['name']}: the plain loop itself is {r['ceiling']:.2f}x the classic loop "
+                  f"here (the model's compute dominates): {r['target']:.0f}x cannot hold; "
+                  f"cnnlab reaches {r['ratio'] / r['ceiling']:.0%} of that ceiling")  # fmt: skip
+    if measured.get("cpu"):
+        print_cpu_settings(measured["cpu"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sweep-jobs", type=int, default=6)
     parser.add_argument("--continue-jobs", type=int, default=12)
     parser.add_argument("--seeds", type=int, default=5, help="time-to-accuracy runs a side")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated")
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help="comma-separated; the results file keeps the other sections' rows",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
-    parser.add_argument("--out", default="train", help="results/<out>.json")
+    parser.add_argument("--out", default="train", help="results/<out>.json, or a .json path")
     args = parser.parse_args()
-    sections = set(args.sections.split(","))
+    sections = args.sections.split(",")
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
     torchvision.datasets.cifar.check_integrity = lambda *a, **k: True  # synthetic files
     cnnlab.data.sources.check_integrity = lambda *a, **k: True
     if args.quick:
         for model in MODELS.values():
             model["train_batches"], model["val_batches"] = 4, 1
-    rows, cpu = [], []
-    with tempfile.TemporaryDirectory() as folder:
-        root = Path(folder)
-        write_mnist(root)
-        write_cifar(root)
-        bench = Bench(root)
-        if "throughput" in sections:
-            rows += throughput(bench, args.repeats)
-        if "mlflow" in sections:
-            rows.append(mlflow_cost(bench, args.repeats))
-        if "sweep" in sections:
-            rows.append(sweep_fixed_cost(root, args.sweep_jobs))
-        if "continue" in sections:
-            rows.append(sweep_continue_cost(root, args.continue_jobs))
-        if "accuracy" in sections:
-            rows += time_to_accuracy(bench, args.seeds)
-        if "cpu" in sections:
-            cpu = cpu_settings(bench)
-    print_table("Training, cnnlab against the baseline (medians of alternating repeats)", rows)
-    for r in rows:
-        if r.get("ceiling", r["target"]) < r["target"]:
-            print(f"  {r['name']}: the plain loop itself is {r['ceiling']:.2f}x the classic loop "
-                  f"here (the model's compute dominates): {r['target']:.0f}x cannot hold; "
-                  f"cnnlab reaches {r['ratio'] / r['ceiling']:.0%} of that ceiling")  # fmt: skip
-    if cpu:
-        print_cpu_settings(cpu)
+    measured = measure(sections, args)
+    print_results(measured)
     models = {title: model["overrides"] for title, model in MODELS.items()}
     settings = {"batch_size": BATCH, "epochs": EPOCHS, "repeats": args.repeats, "models": models,
-                "cpu_settings": cpu}  # fmt: skip
+                "sweep_jobs": args.sweep_jobs, "continue_jobs": args.continue_jobs,
+                "seeds": args.seeds, "quick": args.quick}  # fmt: skip
+    rows = [r for section in measured.values() for r in section]
     path = save(args.out, rows, settings)
-    print(f"\nwritten to {path}")
+    print_saved(path, set(measured))
 
 
 if __name__ == "__main__":
