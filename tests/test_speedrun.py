@@ -345,17 +345,26 @@ class Probe(L.Callback):
         self._look(pl_module)
 
 
+def speedrun(tmp_path, root, folder: str, *overrides: str):
+    """experiment=speedrun on the CPU at a tiny size: CIFAR fixture files under ``root``, a
+    narrow net, whole epochs (no max_steps), one validation batch."""
+    return compose_train(
+        ["experiment=speedrun", "trainer=default", "trainer.max_steps=-1",
+         "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+         "data.val_size=100", f"data.root={root}", f"paths.log_dir={tmp_path}/logs",
+         f"paths.root_dir={tmp_path}", *overrides],
+        tmp_path / folder,
+    )  # fmt: skip
+
+
 def test_the_speedrun_recipe_trains_as_airbench_on_the_cpu(
     tmp_path, tracking_uri: str, skip_cifar_checksums
 ) -> None:
     root = write_cifar(tmp_path / "data", train=600, test=40)
-    cfg = compose_train(
-        ["experiment=speedrun", "trainer=default", "trainer.max_epochs=3", "trainer.max_steps=-1",
-         "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
-         "data.batch_size=64", "data.eval_batch_size=64", "data.val_size=100",
-         "model.channels=[8,16,16]", "model.whiten_images=50", "model.whiten_bias_epochs=1",
-         f"data.root={root}", f"paths.log_dir={tmp_path}/logs", f"paths.root_dir={tmp_path}"],
-        tmp_path / "run",
+    cfg = speedrun(
+        tmp_path, root, "run", "trainer.max_epochs=3", "data.batch_size=64",
+        "data.eval_batch_size=64", "model.channels=[8,16,16]", "model.whiten_images=50",
+        "model.whiten_bias_epochs=1",
     )  # fmt: skip
     job = prepare(cfg, logger=DummyLogger())
     probe = Probe()
@@ -400,13 +409,9 @@ def test_the_timer_and_the_recipe_are_recorded_in_mlflow(
     from cnnlab import train
 
     root = write_cifar(tmp_path / "data", train=300, test=40)
-    cfg = compose_train(
-        ["experiment=speedrun", "trainer=default", "trainer.max_epochs=2", "trainer.max_steps=-1",
-         "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
-         "data.batch_size=50", "data.eval_batch_size=64", "data.val_size=100",
-         "model.channels=[8,8,8]", "model.whiten_images=20",
-         f"data.root={root}", f"paths.log_dir={tmp_path}/logs", f"paths.root_dir={tmp_path}"],
-        tmp_path / "run",
+    cfg = speedrun(
+        tmp_path, root, "run", "trainer.max_epochs=2", "data.batch_size=50",
+        "data.eval_batch_size=64", "model.channels=[8,8,8]", "model.whiten_images=20",
     )  # fmt: skip
     train.run(cfg)
     client, run = only_run(tracking_uri)
@@ -442,13 +447,10 @@ def test_a_speedrun_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(
     root = write_cifar(tmp_path / "data", train=400, test=20)
 
     def job(name: str, start=None):
-        cfg = compose_train(
-            ["experiment=speedrun", "trainer=default", "trainer.max_epochs=3",
-             "trainer.max_steps=-1", "trainer.limit_val_batches=1", "trainer.deterministic=true",
-             "trainer.enable_progress_bar=false", "data.batch_size=50", "data.val_size=100",
-             "model.channels=[4,8,8]", "model.whiten_images=20", "model.whiten_bias_epochs=1",
-             "test=false", f"data.root={root}", f"paths.root_dir={tmp_path}"],
-            tmp_path / name,
+        cfg = speedrun(
+            tmp_path, root, name, "trainer.max_epochs=3", "trainer.deterministic=true",
+            "data.batch_size=50", "model.channels=[4,8,8]", "model.whiten_images=20",
+            "model.whiten_bias_epochs=1", "test=false",
         )  # fmt: skip
         return prepare(cfg, start=start, logger=DummyLogger())
 
