@@ -23,7 +23,7 @@ TEST_WORKERS ?= auto
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep eval report summary notebook test test-slow test-all lint format ui server bench bench-data bench-train bench-report clean
+.PHONY: help install train sweep eval report summary notebook test test-slow test-all lint format ui server bench bench-data bench-train bench-report gpu-wheels gpu-check clean
 
 # Target names in colour on a terminal only: piped or logged, the help is plain text.
 help: ## Show this help
@@ -100,6 +100,19 @@ bench-report: install ## The report's error rates on simulated sweeps, and the r
 	$(PY) -m bench.bench_report $(ARGS)
 
 bench: bench-data bench-train bench-report ## Every benchmark, printed as ratios and saved under bench/results/
+
+# The GPU check (bench/gpu_check.py). The GPU machine has torch but no internet and no .venv:
+# there `make gpu-check` runs with its own python3 and installs what is missing (Hydra,
+# MLflow, mlxtend...) from bench/gpu_wheels/ into a folder of its own, so it must not depend
+# on `install`, which makes .venv and fetches torch from PyPI. Here it takes .venv's Python
+# (tiny mode on a CPU); GPU_PYTHON=... chooses another.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+gpu-wheels: install ## The wheels gpu-check installs offline on a GPU machine: bench/gpu_wheels/ (< 50 MiB)
+	$(PY) -m bench.gpu_wheels
+
+gpu-check: ## Check cnnlab on a GPU in < 8 min (tiny on a CPU): bench/results/gpu.json (ARGS="--out DIR")
+	$(GPU_PYTHON) -m bench.gpu_check $(ARGS)
 
 clean: ## Remove outputs and caches (keeps .venv, data and the MLflow store)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
