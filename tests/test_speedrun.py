@@ -193,22 +193,22 @@ def test_a_bad_schedule_is_one_line_before_any_run(small_cfg) -> None:
 
 
 def test_lookahead_pulls_the_weights_to_their_average() -> None:
-    module = L.LightningModule()
-    module.net = nn.Linear(2, 1, bias=False)
+    net = nn.Linear(2, 1, bias=False)
     lookahead = Lookahead(every=5, decay=0.95, power=3)
+    lookahead.track(net)
     lookahead.total_steps = 100
     assert lookahead.rate(0) == 0 and lookahead.rate(100) == pytest.approx(0.95**5)
     assert lookahead.rate(50) == pytest.approx(0.95**5 * 0.125)
     lookahead.average = {"weight": torch.zeros(1, 2)}
     with torch.no_grad():
-        module.net.weight.fill_(1.0)
-    lookahead.pull(module, 0.75)  # average = 0.75 * 0 + 0.25 * 1; weights = average
-    torch.testing.assert_close(module.net.weight.detach(), torch.full((1, 2), 0.25))
+        net.weight.fill_(1.0)
+    lookahead.pull(0.75)  # average = 0.75 * 0 + 0.25 * 1; weights = average
+    torch.testing.assert_close(net.weight.detach(), torch.full((1, 2), 0.25))
     torch.testing.assert_close(lookahead.average["weight"], torch.full((1, 2), 0.25))
     with torch.no_grad():
-        module.net.weight.fill_(3.0)
-    lookahead.pull(module, 1.0)  # the end: the weights become the average
-    torch.testing.assert_close(module.net.weight.detach(), torch.full((1, 2), 0.25))
+        net.weight.fill_(3.0)
+    lookahead.pull(1.0)  # the end: the weights become the average
+    torch.testing.assert_close(net.weight.detach(), torch.full((1, 2), 0.25))
 
 
 @pytest.mark.parametrize("settings", [dict(every=0), dict(decay=1.5), dict(power=-1)])

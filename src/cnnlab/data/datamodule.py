@@ -252,10 +252,11 @@ def augmentation(config: DataConfig, name: str, size: int) -> Callable[[Tensor],
         ConfigError: crop or flip settings that the dataset's augmentation does not take, or
             that do nothing because ``data.augment`` is off.
     """
+    defaults = DataConfig()
     changed = [
         f"data.{key}={getattr(config, key)}"
-        for key, default in CROP_FLIP_DEFAULTS.items()
-        if getattr(config, key) != default
+        for key in CROP_FLIP_SETTINGS
+        if getattr(config, key) != getattr(defaults, key)
     ]
     if changed and not (config.augment and name == "crop_flip"):
         why = (
@@ -282,8 +283,8 @@ def augmentation(config: DataConfig, name: str, size: int) -> Callable[[Tensor],
     )
 
 
-# The crop-and-flip settings of DataConfig and their defaults (what other datasets leave be).
-CROP_FLIP_DEFAULTS = {"crop_padding": 4, "crop_fill": "zeros", "flip": "random"}
+# The crop-and-flip settings of DataConfig: other datasets leave them at their defaults.
+CROP_FLIP_SETTINGS = ("crop_padding", "crop_fill", "flip")
 
 
 def _subset(data: ImageSet, index: Tensor) -> ImageSet:

@@ -214,9 +214,8 @@ def build_model(model: ModelConfig | str, data: InputSpec, **overrides) -> Net:
     layers = OrderedDict([("stem", builder.stem())] if knobs.whiten else [])
     for s, stage in enumerate(stages, start=1):
         layers[f"stage{s}"] = builder.stage(s, stage)
+        initialize(layers[f"stage{s}"], knobs.init)
     backbone = nn.Sequential(layers)
-    for s in range(1, len(stages) + 1):
-        initialize(backbone.get_submodule(f"stage{s}"), knobs.init)
     head = make_head(
         knobs.head,
         builder.channels,

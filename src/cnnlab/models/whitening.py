@@ -34,8 +34,8 @@ class PatchWhitening(nn.Module):
         """Set the filters from ``images`` (N, C, H, W), as the model reads them."""
         eigenvalues, eigenvectors = patch_eigens(images.float(), self.kernel)
         filters = eigenvectors.T / torch.sqrt(eigenvalues + self.eps)[:, None]  # (D, D) rows
-        filters = filters.flip(0).reshape(self.conv.weight.shape[0] // 2, *images.shape[1:2],
-                                          self.kernel, self.kernel)  # fmt: skip
+        # largest eigenvalue first, each row a (C, k, k) filter
+        filters = filters.flip(0).reshape(-1, images.shape[1], self.kernel, self.kernel)
         self.conv.weight.copy_(torch.cat([filters, -filters]).to(self.conv.weight))
 
 

@@ -25,23 +25,31 @@ class Lookahead(L.Callback):
             )
         self.every, self.decay, self.power = every, decay, power
         self.average: dict[str, Tensor] | None = None
+        self.weights: dict[str, Tensor] = {}  # the net's, found once by track(), not each pull
         self.total_steps = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.total_steps = int(trainer.estimated_stepping_batches)
-        weights = _floating(pl_module.net)
+        self.track(pl_module.net)
+
+    def track(self, net: torch.nn.Module) -> None:
+        """Pull ``net``'s floating-point weights and buffers from now on; their average starts
+        as they are, unless one was restored from a checkpoint (then it moves to their device)."""
+        self.weights = _floating(net)
         if self.average is None:
-            self.average = {name: value.detach().clone() for name, value in weights.items()}
+            self.average = {name: value.detach().clone() for name, value in self.weights.items()}
         else:  # restored from a checkpoint, on the CPU
-            self.average = {name: self.average[name].to(weights[name]) for name in weights}
+            self.average = {
+                name: self.average[name].to(self.weights[name]) for name in self.weights
+            }
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step % self.every == 0:
-            self.pull(pl_module, self.rate(step))
+            self.pull(self.rate(step))
         if step >= self.total_steps:
-            self.pull(pl_module, 1.0)
+            self.pull(1.0)
 
     def rate(self, step: int) -> float:
         """The share of the average kept at ``step`` (airbench's alpha schedule)."""
@@ -50,9 +58,9 @@ class Lookahead(L.Callback):
         )
 
     @torch.no_grad()
-    def pull(self, pl_module: L.LightningModule, rate: float) -> None:
+    def pull(self, rate: float) -> None:
         """average = rate * average + (1 - rate) * weights; weights = average."""
-        for name, value in _floating(pl_module.net).items():
+        for name, value in self.weights.items():
             average = self.average[name]
             average.lerp_(value, 1 - rate)
             value.copy_(average)

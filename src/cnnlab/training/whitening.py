@@ -17,9 +17,10 @@ class WhiteningFit(L.Callback):
 
     def __init__(self, images: int = 5000, bias_epochs: int = 3) -> None:
         self.images, self.bias_epochs = images, bias_epochs
+        self.layers: list[PatchWhitening] = []  # found once, not on every step
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        layers = whitening_layers(pl_module)
+        self.layers = layers = whitening_layers(pl_module)
         if not layers or trainer.ckpt_path is not None:
             return
         datamodule = trainer.datamodule
@@ -37,7 +38,7 @@ class WhiteningFit(L.Callback):
         optimizer leaves it be (airbench turns off its ``requires_grad``; under DDP that
         would break the gradient reduction, which expects every parameter it started with)."""
         if trainer.current_epoch >= self.bias_epochs:
-            for layer in whitening_layers(pl_module):
+            for layer in self.layers:
                 layer.bias.grad = None
 
 
